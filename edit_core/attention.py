@@ -1,0 +1,71 @@
+"""EDiT attention math: ReLU linear attention and the MM-EDiT hybrid.
+
+Plain functions on (B, H, L, D) tensors. No ComfyUI import here; the patchers pass
+ComfyUI's own attention function in as ``softmax_attention``. Float64 references written
+the slow obvious way live in ``edit_core.reference``.
+"""
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+SoftmaxAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Eta = Union[None, float, torch.Tensor]
+
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """out_i = q_i (sum_j k_j^T v_j) / (q_i . sum_j k_j + eps).
+
+    q (B, H, N, D), k and v (B, H, M, D); q and k are already non-negative features.
+    The (D x D) state and the normaliser are accumulated in float32 (float64 for float64
+    inputs) whatever the input dtype: a sum over 65k bf16 tokens would lose most of its
+    bits. The result has q's dtype. Memory is O((N + M) * D): no N x M tensor is formed.
+    """
+    acc = torch.promote_types(q.dtype, torch.float32)
+    k, v = k.to(acc), v.to(acc)
+    # One read-out matmul for numerator and denominator: the normaliser rides along as
+    # an extra value column.
+    state = torch.cat((k.transpose(-1, -2) @ v, k.sum(-2).unsqueeze(-1)), dim=-1)
+    out = q.to(acc) @ state
+    return (out[..., :-1] / (out[..., -1:] + eps)).to(q.dtype)
+
+
+def token_ratio_eta(n_img: int, n_txt: int) -> float:
+    """The paper's approximation of the image-key share of attention mass: N / (N + M)."""
+    return n_img / (n_img + n_txt)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def hybrid_image_rows(q_img, k_txt, v_txt, q_lin, k_lin, v_lin, eta: Eta = None,
+                      softmax_attention: Optional[SoftmaxAttention] = None) -> torch.Tensor:
+    """Image rows of MM-EDiT: eta * Lin(q_lin, k_lin, v_lin) + (1 - eta) * Softmax(q_img, k_txt, v_txt).
+
+    Used alone for the last SD3 block, whose prompt stream is ``pre_only`` (no prompt rows).
+    """
+    softmax_attention = softmax_attention or sdpa
+    if eta is None:
+        eta = token_ratio_eta(q_img.shape[-2], k_txt.shape[-2])
+    lin = linear_attention(q_lin, k_lin, v_lin)
+    soft = softmax_attention(q_img, k_txt, v_txt)
+    if torch.is_tensor(eta):
+        eta = eta.to(soft.dtype)
+    return soft + eta * (lin - soft)
+
+
+def mm_edit_attention(q_txt, k_txt, v_txt, q_img, k_img, v_img, q_lin, k_lin, v_lin,
+                      eta: Eta = None, softmax_attention: Optional[SoftmaxAttention] = None):
+    """MM-EDiT hybrid attention for one joint (prompt + image) layer.
+
+    All (B, H, L, D). Prompt rows are the original joint attention's rows: softmax of q_txt
+    over [k_txt; k_img]. Image rows: ``hybrid_image_rows``. eta=None means the token ratio
+    N_img / (N_img + N_txt); a float or a tensor broadcastable to (B, H, 1, 1) otherwise.
+    ``softmax_attention(q, k, v)`` runs the softmax parts (scale 1/sqrt(D)); None means
+    PyTorch SDPA. Returns (o_txt, o_img).
+    """
+    softmax_attention = softmax_attention or sdpa
+    o_txt = softmax_attention(q_txt, torch.cat((k_txt, k_img), dim=-2), torch.cat((v_txt, v_img), dim=-2))
+    o_img = hybrid_image_rows(q_img, k_txt, v_txt, q_lin, k_lin, v_lin, eta, softmax_attention)
+    return o_txt, o_img

@@ -1,0 +1,196 @@
+"""EDiT layers as nn.Modules built from plain hyper-parameters.
+
+Token tensors are (B, N, C) with N = h * w tokens in row-major grid order. A (B, N, C)
+tensor viewed as (B, h, w, C) and permuted to (B, C, h, w) *is* a channels-last image, so
+the convolutions below run on the grid without copying it. Parameters are kept in their
+own dtype (float32 for a bank) and cast to the activations' dtype and device per call, the
+way ComfyUI's manual-cast ops do, so one bank serves fp32, fp16 and bf16 models.
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import SoftmaxAttention, hybrid_image_rows, linear_attention, mm_edit_attention, token_ratio_eta
+
+Grid = Tuple[int, int]
+
+DEFAULT_REDUCTION = 32
+
+
+def _cast(p: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+    return None if p is None else p.to(dtype=like.dtype, device=like.device)
+
+
+def tokens_to_grid(x: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """(B, h*w, C) -> (B, C, h, w) channels-last view (no copy)."""
+    b, n, c = x.shape
+    h, w = grid
+    if h * w != n:
+        raise ValueError(f"token grid {h}x{w} does not match {n} tokens")
+    return x.reshape(b, h, w, c).permute(0, 3, 1, 2)
+
+
+def grid_to_tokens(g: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h*w, C); free when g is channels-last."""
+    b, c = g.shape[:2]
+    return g.permute(0, 2, 3, 1).reshape(b, -1, c)
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, L, H*D) -> (B, H, L, D) view."""
+    b, n, c = x.shape
+    return x.view(b, n, heads, c // heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, D) -> (B, L, H*D)."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def compressed_grid(grid: Grid) -> Grid:
+    """Grid after SpatialCompressor: ceil(h/2) x ceil(w/2) (odd window k, stride 2, k//2 padding)."""
+    h, w = grid
+    return (h + 1) // 2, (w + 1) // 2
+
+
+class ConvFusion(nn.Module):
+    """ConvFusion query branch: tokens -> grid -> 3x3 conv C_in -> C_in/r -> GroupNorm ->
+    LeakyReLU -> 1x1 conv C_in/r -> C_out (zero-initialised) -> tokens.
+
+    Its output is added to the model's own q (project decision: W_q * Conv1x1 is itself a
+    1x1 conv, so mapping straight into q-space keeps one projection, the model's). The 1x1
+    conv is a Linear on the tokens.
+
+    Cost per token: 9*C_in*C_in/r + C_in/r*C_out multiply-adds = 10*C^2/r for C_in = C_out = C.
+    A block's dense work per image token is 12*C^2 (qkv 3C^2, proj C^2, MLP 8C^2), 16*C^2
+    for an SD3.5 MMDiT-X block (attn2 adds 4C^2) and 14*C^2 for PixArt-Sigma (cross-attention
+    q and out projections add 2C^2). With the default r = 32 the branch costs 10/32 C^2 =
+    2.6% of an SD3 joint block, 2.2% of a PixArt block, and 3.9% of an MMDiT-X block with
+    both of its attentions converted (two branches). At SD3.5-Medium's C = 1536 that is
+    491,520 multiply-adds per token (48 hidden channels); at PixArt-Sigma's C = 1152,
+    414,720 (36 hidden channels).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, reduction: int = DEFAULT_REDUCTION,
+                 kernel_size: int = 3, negative_slope: float = 0.01):
+        super().__init__()
+        hidden = max(2, in_channels // reduction)
+        # Up to 8 groups of at least two channels, so a 1 x 1 grid still normalises.
+        groups = next(g for g in (8, 4, 2, 1) if hidden % g == 0 and hidden // g >= 2)
+        self.negative_slope = negative_slope
+        self.conv = nn.Conv2d(in_channels, hidden, kernel_size, padding=kernel_size // 2)
+        self.norm = nn.GroupNorm(groups, hidden, eps=1e-6)
+        self.proj = nn.Linear(hidden, out_channels)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
+        g = tokens_to_grid(x, grid)
+        g = F.conv2d(g, _cast(self.conv.weight, g), _cast(self.conv.bias, g), padding=self.conv.padding)
+        g = F.group_norm(g, self.norm.num_groups, _cast(self.norm.weight, g), _cast(self.norm.bias, g), self.norm.eps)
+        g = F.leaky_relu(g, self.negative_slope)
+        t = grid_to_tokens(g)
+        return F.linear(t, _cast(self.proj.weight, t), _cast(self.proj.bias, t))
+
+
+def binomial_kernel(size: int = 3) -> torch.Tensor:
+    """Normalised binomial low-pass (size x size, sums to 1): [1,2,1]x[1,2,1]/16 for 3."""
+    row = torch.tensor([math.comb(size - 1, i) for i in range(size)], dtype=torch.float64)
+    k = torch.outer(row, row)
+    return (k / k.sum()).float()
+
+
+class SpatialCompressor(nn.Module):
+    """Depthwise k x k conv (k odd, default 3), stride 2, over the token grid: 4x fewer
+    keys/values.
+
+    Any h, w >= 1 works: the grid is edge-padded by k//2 rows/columns on each side
+    (replicate, so a constant field stays constant at the borders), giving
+    ``compressed_grid(grid)`` = (ceil(h/2), ceil(w/2)) tokens out. Initialised as a
+    normalised binomial low-pass with zero bias, so an untrained compressor is an
+    anti-aliased 2x downsample.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 3):
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"SpatialCompressor kernel size must be odd, got {kernel_size}")
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(binomial_kernel(kernel_size).expand(channels, 1, kernel_size, kernel_size).clone())
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
+        g = tokens_to_grid(x, grid)
+        p = self.kernel_size // 2
+        g = F.pad(g, (p, p, p, p), mode="replicate")
+        g = F.conv2d(g, _cast(self.weight, g), _cast(self.bias, g), stride=2, groups=g.shape[1])
+        return grid_to_tokens(g)
+
+
+class EDiTAttention(nn.Module):
+    """Linear compressed attention for one image self-attention layer.
+
+    Given the layer input x (B, N, C_in), the model's own q, k, v (B, N, C) after its q/k
+    norm, and the token grid: q~ = ReLU(q + CF(x)), k~ = ReLU(SC(k)), v~ = SC(v), and the
+    output is ReLU linear attention of q~ over k~, v~, heads merged: (B, N, C). Untrained
+    (zero ConvFusion), it is plain ReLU linear attention over q and the compressed k, v.
+    """
+
+    def __init__(self, channels: int, heads: int, in_channels: Optional[int] = None,
+                 reduction: int = DEFAULT_REDUCTION, cf_kernel: int = 3, sc_kernel: int = 3):
+        super().__init__()
+        self.heads = heads
+        self.cf = ConvFusion(in_channels or channels, channels, reduction, cf_kernel)
+        self.sc_k = SpatialCompressor(channels, sc_kernel)
+        self.sc_v = SpatialCompressor(channels, sc_kernel)
+
+    def features(self, x, q, k, v, grid: Grid):
+        """(q~, k~, v~) as (B, H, L, D); k~ and v~ on the compressed grid."""
+        q_lin = F.relu(q + self.cf(x, grid))
+        k_lin = F.relu(self.sc_k(k, grid))
+        v_lin = self.sc_v(v, grid)
+        return tuple(split_heads(t, self.heads) for t in (q_lin, k_lin, v_lin))
+
+    def forward(self, x, q, k, v, grid: Grid) -> torch.Tensor:
+        return merge_heads(linear_attention(*self.features(x, q, k, v, grid)))
+
+
+class HybridEDiTAttention(EDiTAttention):
+    """MM-EDiT hybrid attention for one SD3 joint (prompt + image) layer.
+
+    Image-image interactions use the EDiT features; every interaction with prompt tokens
+    stays softmax. eta is the token ratio N / (N + M); with ``eta_mode="learned"`` a per-head
+    offset on its logit (zero-initialised, so training starts at the token ratio) is learned
+    by distillation.
+    """
+
+    def __init__(self, channels: int, heads: int, in_channels: Optional[int] = None,
+                 reduction: int = DEFAULT_REDUCTION, eta_mode: str = "learned", cf_kernel: int = 3,
+                 sc_kernel: int = 3):
+        super().__init__(channels, heads, in_channels, reduction, cf_kernel, sc_kernel)
+        if eta_mode not in ("ratio", "learned"):
+            raise ValueError(f"eta_mode must be 'ratio' or 'learned', got {eta_mode!r}")
+        self.eta_mode = eta_mode
+        self.eta_offset = nn.Parameter(torch.zeros(heads)) if eta_mode == "learned" else None
+
+    def eta(self, n_img: int, n_txt: int):
+        ratio = token_ratio_eta(n_img, n_txt)
+        if self.eta_offset is None:
+            return ratio
+        return torch.sigmoid(math.log(ratio / (1.0 - ratio)) + self.eta_offset.float()).view(1, -1, 1, 1)
+
+    def forward(self, x, q_txt, k_txt, v_txt, q, k, v, grid: Grid,
+                softmax_attention: Optional[SoftmaxAttention] = None, prompt_rows: bool = True):
+        """All token tensors (B, L, C). Returns (o_txt, o_img) as (B, L, C); o_txt is None
+        when ``prompt_rows`` is False (SD3's last block has no prompt output)."""
+        q_lin, k_lin, v_lin = self.features(x, q, k, v, grid)
+        qt, kt, vt, qi, ki, vi = (split_heads(t, self.heads) for t in (q_txt, k_txt, v_txt, q, k, v))
+        eta = self.eta(q.shape[1], q_txt.shape[1])
+        if not prompt_rows:
+            return None, merge_heads(hybrid_image_rows(qi, kt, vt, q_lin, k_lin, v_lin, eta, softmax_attention))
+        o_txt, o_img = mm_edit_attention(qt, kt, vt, qi, ki, vi, q_lin, k_lin, v_lin, eta, softmax_attention)
+        return merge_heads(o_txt), merge_heads(o_img)

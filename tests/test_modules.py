@@ -1,0 +1,171 @@
+"""ConvFusion, SpatialCompressor and the EDiT layers against float64 references."""
+import pytest
+import torch
+
+from torch.func import functional_call
+
+from edit_core.modules import (ConvFusion, EDiTAttention, HybridEDiTAttention, SpatialCompressor,
+                               compressed_grid, merge_heads, split_heads)
+from edit_core.reference import (conv_fusion_ref, edit_attention_ref, hybrid_attention_ref,
+                                 linear_attention_ref, spatial_compressor_ref)
+
+from test_attention import FP32_TOL, rel_err
+
+# A whole layer in fp16/bf16 (convolutions and GroupNorm too) against float64 from the same
+# rounded inputs. Measured maxima over 40 seeds: fp16 3.0e-3, bf16 1.8e-2.
+LAYER_LOW_PRECISION_TOL = {torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+GRIDS = [(1, 1), (1, 7), (7, 1), (5, 5), (7, 4), (11, 13), (16, 16)]
+
+
+def randomize(module, scale=0.5):
+    """Replace every parameter with random values (zero-initialised branches test nothing)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * scale)
+    return module
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("b,c,c_out,r", [(1, 64, 64, 32), (2, 48, 96, 8), (3, 32, 16, 4)])
+def test_conv_fusion_matches_reference(grid, b, c, c_out, r):
+    cf = randomize(ConvFusion(c, c_out, reduction=r))
+    x = torch.randn(b, grid[0] * grid[1], c)
+    out = cf(x, grid)
+    assert out.shape == (b, x.shape[1], c_out)
+    assert rel_err(out, conv_fusion_ref(cf, x, grid)) < FP32_TOL
+
+
+def test_conv_fusion_starts_at_zero():
+    cf = ConvFusion(64, 64)
+    x = torch.randn(2, 35, 64)
+    assert torch.equal(cf(x, (5, 7)), torch.zeros(2, 35, 64))
+
+
+@pytest.mark.parametrize("grid", GRIDS + [(2, 3), (13, 2)])
+@pytest.mark.parametrize("b,c", [(1, 8), (2, 40)])
+def test_spatial_compressor_matches_reference(grid, b, c):
+    sc = randomize(SpatialCompressor(c))
+    x = torch.randn(b, grid[0] * grid[1], c)
+    out = sc(x, grid)
+    h, w = compressed_grid(grid)
+    assert out.shape == (b, h * w, c)
+    assert (h, w) == (-(-grid[0] // 2), -(-grid[1] // 2))
+    assert rel_err(out, spatial_compressor_ref(sc, x, grid)) < FP32_TOL
+
+
+@pytest.mark.parametrize("grid", [(1, 1), (1, 5), (6, 9), (13, 7)])
+def test_spatial_compressor_init_is_a_normalised_low_pass(grid):
+    sc = SpatialCompressor(4)
+    const = torch.full((1, grid[0] * grid[1], 4), 3.0)
+    assert torch.allclose(sc(const, grid), torch.full_like(sc(const, grid), 3.0), atol=1e-6)
+    # A checkerboard (highest frequency) is strongly attenuated in the interior.
+    hh, ww = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
+    checker = ((hh + ww) % 2).float().mul(2).sub(1).reshape(1, 256, 1).expand(1, 256, 4)
+    out = sc(checker.contiguous(), (16, 16)).reshape(1, 8, 8, 4)
+    assert out[:, 1:-1, 1:-1].abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("b,heads,d", [(1, 1, 8), (2, 3, 16)])
+def test_edit_attention_matches_reference(grid, b, heads, d):
+    c = heads * d
+    layer = randomize(EDiTAttention(c, heads, reduction=4), scale=0.3)
+    n = grid[0] * grid[1]
+    x, q, k, v = (torch.randn(b, n, c) for _ in range(4))
+    out = layer(x, q, k, v, grid)
+    assert out.shape == (b, n, c)
+    assert rel_err(out, edit_attention_ref(layer, x, q, k, v, grid)) < FP32_TOL
+
+
+def test_untrained_edit_layer_is_plain_relu_linear_attention_over_compressed_kv():
+    heads, d, grid = 4, 16, (9, 6)
+    c, n = heads * d, 54
+    layer = EDiTAttention(c, heads)
+    x, q, k, v = (torch.randn(2, n, c) for _ in range(4))
+    sc = SpatialCompressor(c)  # a fresh compressor: the same low-pass the layer starts with
+    k_c, v_c = spatial_compressor_ref(sc, k, grid), spatial_compressor_ref(sc, v, grid)
+    expected = linear_attention_ref(torch.relu(split_heads(q.double(), heads)),
+                                    torch.relu(split_heads(k_c, heads)), split_heads(v_c, heads))
+    assert rel_err(layer(x, q, k, v, grid), merge_heads(expected)) < FP32_TOL
+
+
+@pytest.mark.parametrize("prompt_rows", [True, False])
+@pytest.mark.parametrize("eta_mode", ["ratio", "learned"])
+@pytest.mark.parametrize("grid,n_txt", [((1, 1), 1), ((1, 9), 4), ((7, 5), 11), ((12, 12), 77)])
+def test_hybrid_attention_matches_reference(grid, n_txt, eta_mode, prompt_rows):
+    heads, d, b = 2, 16, 2
+    c, n = heads * d, grid[0] * grid[1]
+    layer = randomize(HybridEDiTAttention(c, heads, reduction=4, eta_mode=eta_mode), scale=0.3)
+    x, q, k, v = (torch.randn(b, n, c) for _ in range(4))
+    txt = [torch.randn(b, n_txt, c) for _ in range(3)]
+    o_txt, o_img = layer(x, *txt, q, k, v, grid, prompt_rows=prompt_rows)
+    r_txt, r_img = hybrid_attention_ref(layer, x, *txt, q, k, v, grid)
+    assert rel_err(o_img, r_img) < FP32_TOL
+    if prompt_rows:
+        assert rel_err(o_txt, r_txt) < FP32_TOL
+    else:
+        assert o_txt is None
+
+
+def test_learned_eta_starts_at_the_token_ratio():
+    layer = HybridEDiTAttention(32, 2)
+    assert torch.allclose(layer.eta(300, 100), torch.full((1, 2, 1, 1), 0.75))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_edit_layers_low_precision(dtype):
+    heads, d, grid, b = 4, 32, (9, 14), 2
+    c, n = heads * d, grid[0] * grid[1]
+    layer = randomize(HybridEDiTAttention(c, heads, reduction=8), scale=0.2)
+    x, q, k, v = (torch.randn(b, n, c) for _ in range(4))
+    txt = [torch.randn(b, 20, c) for _ in range(3)]
+    low = [t.to(dtype) for t in (x, *txt, q, k, v)]
+    o_txt, o_img = layer(*low, grid)
+    r_txt, r_img = hybrid_attention_ref(layer, *low, grid)
+    for o, r in ((o_txt, r_txt), (o_img, r_img)):
+        assert o.dtype == dtype and torch.isfinite(o).all()
+        assert rel_err(o, r) < LAYER_LOW_PRECISION_TOL[dtype]
+
+
+def gradcheck_module(module, x, grid):
+    """gradcheck in float64 with respect to the input and every parameter."""
+    module = randomize(module).double()
+    names = [n for n, _ in module.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in module.parameters()]
+
+    def run(x, *p):
+        return functional_call(module, dict(zip(names, p)), (x, grid))
+
+    return torch.autograd.gradcheck(run, (x.double().requires_grad_(), *params))
+
+
+def test_gradcheck_conv_fusion():
+    assert gradcheck_module(ConvFusion(8, 6, reduction=2), torch.randn(2, 15, 8), (3, 5))
+
+
+def test_gradcheck_spatial_compressor():
+    assert gradcheck_module(SpatialCompressor(3), torch.randn(2, 35, 3), (5, 7))
+
+
+def test_gradcheck_edit_attention():
+    layer = EDiTAttention(4, 2, reduction=2)
+    x = torch.randn(1, 6, 4)
+    names = [n for n, _ in layer.named_parameters()]
+    layer = randomize(layer, scale=0.3).double()
+    params = [p.detach().clone().requires_grad_() for p in layer.parameters()]
+    q, k, v = (torch.randn(1, 6, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+
+    def run(x, q, k, v, *p):
+        return functional_call(layer, dict(zip(names, p)), (x, q, k, v, (2, 3)))
+
+    assert torch.autograd.gradcheck(run, (x.double().requires_grad_(), q, k, v, *params))
+
+
+def test_grad_flows_to_every_edit_parameter():
+    layer = randomize(HybridEDiTAttention(32, 2, reduction=4), scale=0.3)
+    x, q, k, v = (torch.randn(1, 35, 32) for _ in range(4))
+    txt = [torch.randn(1, 6, 32) for _ in range(3)]
+    o_txt, o_img = layer(x, *txt, q, k, v, (5, 7))
+    o_img.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
