@@ -15,6 +15,7 @@ has no q/k norm): random-init attention is close to uniform, which makes distill
 meaningless; a gain of 4-8 gives peaked attention like a trained model's.
 """
 import math
+import zlib
 from pathlib import Path
 from typing import Iterable
 
@@ -165,3 +166,11 @@ def write_tiny_models(models_dir, seed: int = 0) -> dict:
         paths[name] = path
     return paths
 
+
+
+def random_conditioning(text: str, seed: int, tokens: int, context_dim: int, pooled_dim: int):
+    """ComfyUI CONDITIONING of seeded random features, in place of a text encoder."""
+    g = torch.Generator().manual_seed(zlib.crc32(text.encode()) ^ seed)
+    cond = torch.randn(1, tokens, context_dim, generator=g)
+    extra = {"pooled_output": torch.randn(1, pooled_dim, generator=g)} if pooled_dim > 0 else {}
+    return [[cond, extra]]

@@ -1,0 +1,86 @@
+"""Load, create and save EDiT banks."""
+import os
+
+import folder_paths
+
+from ..edit_core.bank import init_bank, load_bank, save_bank, select_layers
+from ..edit_core.comfy_model import model_spec
+from .folders import EDIT_FOLDER, edit_folder
+
+BANK = "EDIT_BANK"
+
+
+class EDiTLoader:
+    DESCRIPTION = "Loads EDiT weights (a bank of per-layer EDiT modules) from models/edit."
+    CATEGORY = "EDiT/loaders"
+    RETURN_TYPES = (BANK,)
+    RETURN_NAMES = ("edit_bank",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"edit_name": (folder_paths.get_filename_list(EDIT_FOLDER), {
+            "tooltip": "An EDiT bank (.safetensors) in models/edit, made by EDiT Distill + Save EDiT."})}}
+
+    def load(self, edit_name):
+        return (load_bank(folder_paths.get_full_path_or_raise(EDIT_FOLDER, edit_name)),)
+
+
+class EDiTInitFromModel:
+    DESCRIPTION = ("Builds an untrained EDiT bank for a model: the starting point of distillation. Untrained EDiT "
+                   "is ReLU linear attention over the model's own q/k/v and is far from the original: distill it.")
+    CATEGORY = "EDiT/loaders"
+    RETURN_TYPES = (BANK,)
+    RETURN_NAMES = ("edit_bank",)
+    FUNCTION = "init"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "An SD3/SD3.5 or PixArt-Sigma model."}),
+            "layers": ("STRING", {"default": "all", "tooltip":
+                                  "Which attention layers to convert: 'all', or block indices/ranges such as "
+                                  "'0-12' or '0-12:attn2' (SD3.5 MMDiT-X image attention only)."}),
+            "reduction": ("INT", {"default": 32, "min": 1, "max": 1024, "tooltip":
+                                  "ConvFusion channel reduction r (hidden channels = width / r). 32 keeps the "
+                                  "branch under 4% of a block's dense compute."}),
+            "eta_mode": (["learned", "ratio"], {"tooltip":
+                                                "Hybrid attention mix: token ratio N/(N+M), with a learned per-head "
+                                                "offset ('learned') or fixed ('ratio')."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF}),
+        }}
+
+    def init(self, model, layers, reduction, eta_mode, seed):
+        spec = model_spec(model)
+        return (init_bank(spec, select_layers(spec.layers, layers), seed=seed, reduction=reduction, eta_mode=eta_mode),)
+
+
+class SaveEDiT:
+    DESCRIPTION = "Saves an EDiT bank to models/edit so EDiT Loader can load it."
+    CATEGORY = "EDiT/loaders"
+    RETURN_TYPES = ()
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "edit_bank": (BANK,),
+            "filename": ("STRING", {"default": "edit_bank", "tooltip":
+                                    "File name in models/edit (.safetensors is added). An existing file is kept: "
+                                    "a numbered name is used instead unless overwrite is on."}),
+            "overwrite": ("BOOLEAN", {"default": False}),
+        }}
+
+    def save(self, edit_bank, filename, overwrite):
+        folder = edit_folder()
+        os.makedirs(folder, exist_ok=True)
+        stem = os.path.basename(filename.strip()) or "edit_bank"
+        stem = stem[:-len(".safetensors")] if stem.endswith(".safetensors") else stem
+        path = os.path.join(folder, stem + ".safetensors")
+        n = 1
+        while os.path.exists(path) and not overwrite:
+            path = os.path.join(folder, f"{stem}_{n:05d}.safetensors")
+            n += 1
+        save_bank(edit_bank, path)
+        return {"ui": {"text": [f"saved {path}"]}}
