@@ -33,9 +33,10 @@ TEACHER, STUDENT = "teacher", "student"
 BANK_KEY = "edit_bank"
 
 # sink(layer_name, grid, tensors): receives every converted layer's inputs and attention
-# output during a call that asked for it (distillation). Tensors: x (layer input), q, k, v
-# (image tokens, after the model's q/k norm), q_txt, k_txt, v_txt (hybrid layers), and out
-# (image rows of the attention output, teacher's or student's as the call ran).
+# output during a call that asked for it (distillation). Tensors: the layer's inputs (SD3:
+# the block inputs x, context, c; PixArt: the attention input x; ``layer_inputs`` turns
+# them into q, k, v) and out, the image rows of the attention output (teacher's or
+# student's, as the call ran).
 CaptureSink = Callable[[str, Tuple[int, int], Dict[str, torch.Tensor]], None]
 
 
@@ -143,6 +144,25 @@ def _tokens(qkv):
     return tuple(t.reshape(t.shape[0], t.shape[1], -1) for t in qkv)
 
 
+def sd3_pre_attention(block, context, x, c):
+    """A joint block's own pre-attention: (ctx_qkv, ctx_inter, x_qkv, x_qkv2, x_inter) with
+    q, k, v as (B, L, C) (core returns v as (B, L, heads, D)); x_qkv2 is None without MMDiT-X."""
+    cb, xb = block.context_block, block.x_block
+    ctx_qkv, ctx_inter = cb.pre_attention(context, c)
+    if xb.x_block_self_attn:
+        x_qkv, x_qkv2, x_inter = xb.pre_attention_x(x, c)
+    else:
+        (x_qkv, x_inter), x_qkv2 = xb.pre_attention(x, c), None
+    return _tokens(ctx_qkv), ctx_inter, _tokens(x_qkv), None if x_qkv2 is None else _tokens(x_qkv2), x_inter
+
+
+def pixart_qkv(attn, x):
+    """PixArt self-attention's own q, k, v (after its q/k norm) as (B, N, C)."""
+    b, n, c = x.shape
+    q, k, v = attn.qkv(x).reshape(b, n, 3, c).unbind(2)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
 class SD3BlockPatch:
     """Object patch for ``joint_blocks.{i}.forward``: the core block mixing, rebuilt from the
     block's own pre_attention/post_attention, with EDiT attention where converted."""
@@ -166,27 +186,19 @@ class SD3BlockPatch:
     def mix(self, context, x, c, to, call: EditCall):
         cb, xb = self.block.context_block, self.block.x_block
         heads = xb.attn.num_heads
-        softmax = comfy_softmax(heads, to)
-        ctx_qkv, ctx_inter = cb.pre_attention(context, c)
-        if xb.x_block_self_attn:
-            x_qkv, x_qkv2, x_inter = xb.pre_attention_x(x, c)
-        else:
-            (x_qkv, x_inter), x_qkv2 = xb.pre_attention(x, c), None
-        # Core returns v as (B, L, heads, D) and q, k as (B, L, C); flatten v alike.
-        ctx_qkv, x_qkv = _tokens(ctx_qkv), _tokens(x_qkv)
-        x_qkv2 = None if x_qkv2 is None else _tokens(x_qkv2)
+        ctx_qkv, ctx_inter, x_qkv, x_qkv2, x_inter = sd3_pre_attention(self.block, context, x, c)
         n_txt = context.shape[1]
+        block_inputs = dict(x=x, context=context, c=c)
 
-        name = f"joint_blocks.{self.index}.attn"
         if call.student and self.attn is not None:
-            o_txt, o_img = self.attn(x, *ctx_qkv, *x_qkv, call.grid, softmax, prompt_rows=not cb.pre_only)
+            o_txt, o_img = self.attn(x, *ctx_qkv, *x_qkv, call.grid, comfy_softmax(heads, to),
+                                     prompt_rows=not cb.pre_only)
         else:
             qkv = [torch.cat((a, b), dim=1) for a, b in zip(ctx_qkv, x_qkv)]
             joint = comfy_attention.optimized_attention(*qkv, heads=heads, transformer_options=to)
             o_txt, o_img = joint[:, :n_txt], joint[:, n_txt:]
         if call.sink is not None and self.attn is not None:
-            call.sink(name, call.grid, dict(x=x, q=x_qkv[0], k=x_qkv[1], v=x_qkv[2], q_txt=ctx_qkv[0],
-                                            k_txt=ctx_qkv[1], v_txt=ctx_qkv[2], out=o_img))
+            call.sink(f"joint_blocks.{self.index}.attn", call.grid, dict(block_inputs, out=o_img))
 
         attn2 = None
         if x_qkv2 is not None:
@@ -195,8 +207,7 @@ class SD3BlockPatch:
             else:
                 attn2 = comfy_attention.optimized_attention(*x_qkv2, heads=xb.attn2.num_heads, transformer_options=to)
             if call.sink is not None and self.attn2 is not None:
-                call.sink(f"joint_blocks.{self.index}.attn2", call.grid,
-                          dict(x=x, q=x_qkv2[0], k=x_qkv2[1], v=x_qkv2[2], out=attn2))
+                call.sink(f"joint_blocks.{self.index}.attn2", call.grid, dict(block_inputs, out=attn2))
 
         context = None if cb.pre_only else cb.post_attention(o_txt, *ctx_inter)
         if x_qkv2 is not None:
@@ -218,11 +229,10 @@ class PixArtAttentionPatch:
         if call is None:
             return self.original(x, *args, **kwargs)
         attn = self.module
-        b, n, c = x.shape
+        n = x.shape[1]
         if call.grid[0] * call.grid[1] != n:
             raise EDiTError(f"PixArt block {self.index}: {n} tokens do not fill the {call.grid} token grid")
-        q, k, v = attn.qkv(x).reshape(b, n, 3, c).unbind(2)
-        q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = pixart_qkv(attn, x)
         if call.student:
             out = self.layer(x, q, k, v, call.grid)
         else:
@@ -231,8 +241,23 @@ class PixArtAttentionPatch:
                 split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), heads,
                 skip_reshape=True, skip_output_reshape=True, transformer_options=call.transformer_options))
         if call.sink is not None:
-            call.sink(f"blocks.{self.index}.attn", call.grid, dict(x=x, q=q, k=k, v=v, out=out))
+            call.sink(f"blocks.{self.index}.attn", call.grid, dict(x=x, out=out))
         return attn.proj(out)
+
+
+def layer_inputs(diffusion_model, name: str, inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Recompute a converted layer's attention inputs from what a capture sink recorded
+    (SD3: the block inputs x, context, c; PixArt: the attention input x) with the model's
+    own frozen projections: x, q, k, v and, for SD3 joint attention, k_txt, v_txt."""
+    parts = name.split(".")
+    block = getattr(diffusion_model, parts[0])[int(parts[1])]
+    if parts[0] == "blocks":
+        q, k, v = pixart_qkv(block.attn, inputs["x"])
+        return dict(x=inputs["x"], q=q, k=k, v=v)
+    ctx_qkv, _, x_qkv, x_qkv2, _ = sd3_pre_attention(block, inputs["context"], inputs["x"], inputs["c"])
+    if parts[2] == "attn2":
+        return dict(x=inputs["x"], q=x_qkv2[0], k=x_qkv2[1], v=x_qkv2[2])
+    return dict(x=inputs["x"], q=x_qkv[0], k=x_qkv[1], v=x_qkv[2], q_txt=ctx_qkv[0], k_txt=ctx_qkv[1], v_txt=ctx_qkv[2])
 
 
 PATCH_TYPES = (ModelForwardPatch, SD3BlockPatch, PixArtAttentionPatch)
