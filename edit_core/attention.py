@@ -39,20 +39,23 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v)
 
 
-def hybrid_image_rows(q_img, k_txt, v_txt, q_lin, k_lin, v_lin, eta: Eta = None,
-                      softmax_attention: Optional[SoftmaxAttention] = None) -> torch.Tensor:
-    """Image rows of MM-EDiT: eta * Lin(q_lin, k_lin, v_lin) + (1 - eta) * Softmax(q_img, k_txt, v_txt).
+def prompt_rows(q_txt, k_txt, v_txt, k_img, v_img, softmax_attention: Optional[SoftmaxAttention] = None):
+    """The original joint attention's prompt rows: softmax of q_txt over [k_txt; k_img]."""
+    softmax_attention = softmax_attention or sdpa
+    return softmax_attention(q_txt, torch.cat((k_txt, k_img), dim=-2), torch.cat((v_txt, v_img), dim=-2))
 
-    Used alone for the last SD3 block, whose prompt stream is ``pre_only`` (no prompt rows).
-    """
+
+def mix_image_rows(q_img, k_txt, v_txt, image_image: torch.Tensor, eta: Eta = None,
+                   softmax_attention: Optional[SoftmaxAttention] = None) -> torch.Tensor:
+    """Image rows of MM-EDiT: eta * image_image + (1 - eta) * Softmax(q_img, k_txt, v_txt), where
+    image_image is the image-image interaction (EDiT's linear attention)."""
     softmax_attention = softmax_attention or sdpa
     if eta is None:
         eta = token_ratio_eta(q_img.shape[-2], k_txt.shape[-2])
-    lin = linear_attention(q_lin, k_lin, v_lin)
     soft = softmax_attention(q_img, k_txt, v_txt)
     if torch.is_tensor(eta):
         eta = eta.to(soft.dtype)
-    return soft + eta * (lin - soft)
+    return soft + eta * (image_image - soft)
 
 
 def mm_edit_attention(q_txt, k_txt, v_txt, q_img, k_img, v_img, q_lin, k_lin, v_lin,
@@ -60,12 +63,12 @@ def mm_edit_attention(q_txt, k_txt, v_txt, q_img, k_img, v_img, q_lin, k_lin, v_
     """MM-EDiT hybrid attention for one joint (prompt + image) layer.
 
     All (B, H, L, D). Prompt rows are the original joint attention's rows: softmax of q_txt
-    over [k_txt; k_img]. Image rows: ``hybrid_image_rows``. eta=None means the token ratio
+    over [k_txt; k_img]. Image rows: eta * linear_attention(q_lin, k_lin, v_lin) + (1 - eta) *
+    softmax of q_img over the prompt's k_txt, v_txt. eta=None means the token ratio
     N_img / (N_img + N_txt); a float or a tensor broadcastable to (B, H, 1, 1) otherwise.
     ``softmax_attention(q, k, v)`` runs the softmax parts (scale 1/sqrt(D)); None means
     PyTorch SDPA. Returns (o_txt, o_img).
     """
-    softmax_attention = softmax_attention or sdpa
-    o_txt = softmax_attention(q_txt, torch.cat((k_txt, k_img), dim=-2), torch.cat((v_txt, v_img), dim=-2))
-    o_img = hybrid_image_rows(q_img, k_txt, v_txt, q_lin, k_lin, v_lin, eta, softmax_attention)
+    o_txt = prompt_rows(q_txt, k_txt, v_txt, k_img, v_img, softmax_attention)
+    o_img = mix_image_rows(q_img, k_txt, v_txt, linear_attention(q_lin, k_lin, v_lin), eta, softmax_attention)
     return o_txt, o_img

@@ -63,12 +63,13 @@ class BankConfig:
     reduction: int = DEFAULT_REDUCTION
     cf_kernel: int = 3
     sc_kernel: int = 3
+    local_kernel: int = 3
     eta_mode: str = "learned"
     training: Dict = field(default_factory=dict, compare=False)
 
     def hparams(self) -> Dict:
         return {"reduction": self.reduction, "cf_kernel": self.cf_kernel, "sc_kernel": self.sc_kernel,
-                "eta_mode": self.eta_mode}
+                "local_kernel": self.local_kernel, "eta_mode": self.eta_mode}
 
     def describe(self) -> str:
         return (f"{self.family}, hidden {self.hidden_size}, {self.heads} heads, depth {self.depth}, "
@@ -97,10 +98,11 @@ class EDiTBank(nn.Module):
             if kind == "hybrid":
                 module = HybridEDiTAttention(config.hidden_size, config.heads, reduction=config.reduction,
                                              eta_mode=config.eta_mode, cf_kernel=config.cf_kernel,
-                                             sc_kernel=config.sc_kernel)
+                                             sc_kernel=config.sc_kernel, local_kernel=config.local_kernel)
             else:
                 module = EDiTAttention(config.hidden_size, config.heads, reduction=config.reduction,
-                                       cf_kernel=config.cf_kernel, sc_kernel=config.sc_kernel)
+                                       cf_kernel=config.cf_kernel, sc_kernel=config.sc_kernel,
+                                       local_kernel=config.local_kernel)
             _nested_set(self.layers, name, module)
 
     def layer(self, name: str) -> nn.Module:
@@ -178,7 +180,8 @@ def _config_from_metadata(meta: Dict[str, str], path) -> BankConfig:
         hp = json.loads(meta["hparams"])
         config = BankConfig(meta["family"], int(meta["hidden_size"]), int(meta["heads"]), int(meta["depth"]),
                             tuple(json.loads(meta["layers"])), reduction=int(hp["reduction"]),
-                            cf_kernel=int(hp["cf_kernel"]), sc_kernel=int(hp["sc_kernel"]), eta_mode=hp["eta_mode"],
+                            cf_kernel=int(hp["cf_kernel"]), sc_kernel=int(hp["sc_kernel"]),
+                            local_kernel=int(hp["local_kernel"]), eta_mode=hp["eta_mode"],
                             training=json.loads(meta.get("training") or "{}"))
     except (KeyError, ValueError, TypeError) as e:
         raise EDiTError(f"{path}: EDiT bank metadata is incomplete or malformed ({type(e).__name__}: {e})")

@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import SoftmaxAttention, hybrid_image_rows, linear_attention, mm_edit_attention, token_ratio_eta
+from .attention import SoftmaxAttention, linear_attention, mix_image_rows, token_ratio_eta
+from .attention import prompt_rows as joint_prompt_rows
 
 Grid = Tuple[int, int]
 
@@ -131,22 +132,48 @@ class SpatialCompressor(nn.Module):
         return grid_to_tokens(g)
 
 
+class LocalValueConv(nn.Module):
+    """Depthwise k x k conv (stride 1) over the value grid, added to the linear attention
+    output: the local detail ReLU linear attention cannot focus on (project decision, as in
+    the rank-restoring depthwise conv of Focused Linear Attention and Agent Attention). The
+    paper's student re-trains the model's q/k/v projections; ours stay frozen (one projection,
+    the model's, LoRA-safe), and this branch gives back the capacity for local attention.
+    Zero-initialised, so an untrained layer is plain linear attention. Cost: k*k multiply-adds
+    per channel per token (9 * C), under 1% of a qkv projection at C >= 1152.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 3):
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"LocalValueConv kernel size must be odd, got {kernel_size}")
+        self.weight = nn.Parameter(torch.zeros(channels, 1, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, v: torch.Tensor, grid: Grid) -> torch.Tensor:
+        g = tokens_to_grid(v, grid)
+        g = F.conv2d(g, _cast(self.weight, g), _cast(self.bias, g), padding=self.weight.shape[-1] // 2,
+                     groups=g.shape[1])
+        return grid_to_tokens(g)
+
+
 class EDiTAttention(nn.Module):
     """Linear compressed attention for one image self-attention layer.
 
     Given the layer input x (B, N, C_in), the model's own q, k, v (B, N, C) after its q/k
-    norm, and the token grid: q~ = ReLU(q + CF(x)), k~ = ReLU(SC(k)), v~ = SC(v), and the
-    output is ReLU linear attention of q~ over k~, v~, heads merged: (B, N, C). Untrained
-    (zero ConvFusion), it is plain ReLU linear attention over q and the compressed k, v.
+    norm, and the token grid: q~ = ReLU(q + CF(x)), k~ = ReLU(SC(k)), v~ = SC(v); the output
+    is ReLU linear attention of q~ over k~, v~, heads merged, plus LocalValueConv(v): (B, N, C).
+    Untrained (zero ConvFusion and local branch), it is plain ReLU linear attention over q and
+    the compressed k, v.
     """
 
     def __init__(self, channels: int, heads: int, in_channels: Optional[int] = None,
-                 reduction: int = DEFAULT_REDUCTION, cf_kernel: int = 3, sc_kernel: int = 3):
+                 reduction: int = DEFAULT_REDUCTION, cf_kernel: int = 3, sc_kernel: int = 3, local_kernel: int = 3):
         super().__init__()
         self.heads = heads
         self.cf = ConvFusion(in_channels or channels, channels, reduction, cf_kernel)
         self.sc_k = SpatialCompressor(channels, sc_kernel)
         self.sc_v = SpatialCompressor(channels, sc_kernel)
+        self.local = LocalValueConv(channels, local_kernel)
 
     def features(self, x, q, k, v, grid: Grid):
         """(q~, k~, v~) as (B, H, L, D); k~ and v~ on the compressed grid."""
@@ -155,8 +182,12 @@ class EDiTAttention(nn.Module):
         v_lin = self.sc_v(v, grid)
         return tuple(split_heads(t, self.heads) for t in (q_lin, k_lin, v_lin))
 
+    def image_image(self, x, q, k, v, grid: Grid) -> torch.Tensor:
+        """The image-image interaction, (B, H, N, D): linear attention plus the local branch."""
+        return linear_attention(*self.features(x, q, k, v, grid)) + split_heads(self.local(v, grid), self.heads)
+
     def forward(self, x, q, k, v, grid: Grid) -> torch.Tensor:
-        return merge_heads(linear_attention(*self.features(x, q, k, v, grid)))
+        return merge_heads(self.image_image(x, q, k, v, grid))
 
 
 class HybridEDiTAttention(EDiTAttention):
@@ -170,8 +201,8 @@ class HybridEDiTAttention(EDiTAttention):
 
     def __init__(self, channels: int, heads: int, in_channels: Optional[int] = None,
                  reduction: int = DEFAULT_REDUCTION, eta_mode: str = "learned", cf_kernel: int = 3,
-                 sc_kernel: int = 3):
-        super().__init__(channels, heads, in_channels, reduction, cf_kernel, sc_kernel)
+                 sc_kernel: int = 3, local_kernel: int = 3):
+        super().__init__(channels, heads, in_channels, reduction, cf_kernel, sc_kernel, local_kernel)
         if eta_mode not in ("ratio", "learned"):
             raise ValueError(f"eta_mode must be 'ratio' or 'learned', got {eta_mode!r}")
         self.eta_mode = eta_mode
@@ -187,10 +218,8 @@ class HybridEDiTAttention(EDiTAttention):
                 softmax_attention: Optional[SoftmaxAttention] = None, prompt_rows: bool = True):
         """All token tensors (B, L, C). Returns (o_txt, o_img) as (B, L, C); o_txt is None
         when ``prompt_rows`` is False (SD3's last block has no prompt output)."""
-        q_lin, k_lin, v_lin = self.features(x, q, k, v, grid)
         qt, kt, vt, qi, ki, vi = (split_heads(t, self.heads) for t in (q_txt, k_txt, v_txt, q, k, v))
         eta = self.eta(q.shape[1], q_txt.shape[1])
-        if not prompt_rows:
-            return None, merge_heads(hybrid_image_rows(qi, kt, vt, q_lin, k_lin, v_lin, eta, softmax_attention))
-        o_txt, o_img = mm_edit_attention(qt, kt, vt, qi, ki, vi, q_lin, k_lin, v_lin, eta, softmax_attention)
-        return merge_heads(o_txt), merge_heads(o_img)
+        o_img = mix_image_rows(qi, kt, vt, self.image_image(x, q, k, v, grid), eta, softmax_attention)
+        o_txt = merge_heads(joint_prompt_rows(qt, kt, vt, ki, vi, softmax_attention)) if prompt_rows else None
+        return o_txt, merge_heads(o_img)

@@ -115,9 +115,19 @@ def edit_features_ref(layer, x, q, k, v, grid):
     return tuple(_heads(t, layer.heads) for t in (q_lin, k_lin, v_lin))
 
 
+def local_value_ref(local, v, grid):
+    g = _grid(v, grid)
+    return _tokens(conv2d_ref(g, local.weight, local.bias, padding=local.weight.shape[-1] // 2, groups=g.shape[1]))
+
+
+def edit_image_image_ref(layer, x, q, k, v, grid):
+    """(B, H, N, D): linear attention over (relu(q + CF(x)), relu(SC(k)), SC(v)) plus the local branch."""
+    return linear_attention_ref(*edit_features_ref(layer, x, q, k, v, grid)) + _heads(local_value_ref(layer.local, v, grid), layer.heads)
+
+
 def edit_attention_ref(layer, x, q, k, v, grid):
-    """EDiTAttention in float64: linear attention over (relu(q + CF(x)), relu(SC(k)), SC(v))."""
-    return _merge(linear_attention_ref(*edit_features_ref(layer, x, q, k, v, grid)))
+    """EDiTAttention in float64."""
+    return _merge(edit_image_image_ref(layer, x, q, k, v, grid))
 
 
 def hybrid_attention_ref(layer, x, q_txt, k_txt, v_txt, q, k, v, grid):
@@ -127,7 +137,7 @@ def hybrid_attention_ref(layer, x, q_txt, k_txt, v_txt, q, k, v, grid):
     eta = ratio
     if layer.eta_offset is not None:
         eta = torch.sigmoid(math.log(ratio / (1 - ratio)) + layer.eta_offset.double()).view(1, -1, 1, 1)
-    lin = edit_features_ref(layer, x, q, k, v, grid)
-    parts = [_heads(t, layer.heads) for t in (q_txt, k_txt, v_txt, q, k, v)]
-    o_txt, o_img = mm_edit_attention_ref(*parts, *lin, eta=eta)
+    qt, kt, vt, qi, ki, vi = [_heads(t, layer.heads) for t in (q_txt, k_txt, v_txt, q, k, v)]
+    o_txt = softmax_attention_ref(qt, torch.cat((kt, ki), -2), torch.cat((vt, vi), -2))
+    o_img = eta * edit_image_image_ref(layer, x, q, k, v, grid) + (1 - eta) * softmax_attention_ref(qi, kt, vt)
     return _merge(o_txt), _merge(o_img)

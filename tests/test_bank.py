@@ -50,7 +50,8 @@ def test_round_trip_keeps_tensors_config_and_training_summary(tmp_path):
     _, meta = read(path)
     assert meta["format_version"] == str(FORMAT_VERSION)
     assert json.loads(meta["layers"]) == ["joint_blocks.0.attn2", "joint_blocks.1.attn"]
-    assert json.loads(meta["hparams"]) == {"reduction": 16, "cf_kernel": 3, "sc_kernel": 3, "eta_mode": "ratio"}
+    assert json.loads(meta["hparams"]) == {"reduction": 16, "cf_kernel": 3, "sc_kernel": 3, "local_kernel": 3,
+                                          "eta_mode": "ratio"}
 
 
 def test_saved_bank_applies_to_its_model_and_reproduces_outputs(tmp_path):

@@ -4,10 +4,10 @@ import torch
 
 from torch.func import functional_call
 
-from edit_core.modules import (ConvFusion, EDiTAttention, HybridEDiTAttention, SpatialCompressor,
+from edit_core.modules import (ConvFusion, EDiTAttention, HybridEDiTAttention, LocalValueConv, SpatialCompressor,
                                compressed_grid, merge_heads, split_heads)
 from edit_core.reference import (conv_fusion_ref, edit_attention_ref, hybrid_attention_ref,
-                                 linear_attention_ref, spatial_compressor_ref)
+                                 linear_attention_ref, local_value_ref, spatial_compressor_ref)
 
 from test_attention import FP32_TOL, rel_err
 
@@ -64,6 +64,16 @@ def test_spatial_compressor_init_is_a_normalised_low_pass(grid):
     checker = ((hh + ww) % 2).float().mul(2).sub(1).reshape(1, 256, 1).expand(1, 256, 4)
     out = sc(checker.contiguous(), (16, 16)).reshape(1, 8, 8, 4)
     assert out[:, 1:-1, 1:-1].abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("k", [3, 5])
+def test_local_value_conv_matches_reference_and_starts_at_zero(grid, k):
+    local = LocalValueConv(12, k)
+    v = torch.randn(2, grid[0] * grid[1], 12)
+    assert torch.equal(local(v, grid), torch.zeros_like(v))
+    randomize(local)
+    assert rel_err(local(v, grid), local_value_ref(local, v, grid)) < FP32_TOL
 
 
 @pytest.mark.parametrize("grid", GRIDS)
@@ -146,6 +156,10 @@ def test_gradcheck_conv_fusion():
 
 def test_gradcheck_spatial_compressor():
     assert gradcheck_module(SpatialCompressor(3), torch.randn(2, 35, 3), (5, 7))
+
+
+def test_gradcheck_local_value_conv():
+    assert gradcheck_module(LocalValueConv(3), torch.randn(2, 35, 3), (5, 7))
 
 
 def test_gradcheck_edit_attention():
