@@ -9,6 +9,17 @@ def diffusion_model(patcher):
     return patcher.get_model_object("diffusion_model")
 
 
+def conditioning_dims(patcher):
+    """(context width, pooled width or 0) the model expects from its text encoders."""
+    dm = diffusion_model(patcher)
+    if isinstance(dm, MMDiT):
+        pooled = dm.y_embedder.mlp[0].in_features if dm.y_embedder is not None else 0
+        return dm.context_embedder.in_features, pooled
+    if isinstance(dm, PixArtMS):
+        return dm.y_embedder.y_proj.fc1.in_features, 0
+    raise EDiTError(f"no conditioning dims for a {type(dm).__name__} model")
+
+
 def model_spec(patcher) -> ModelSpec:
     """The ModelSpec of a ComfyUI ModelPatcher, or EDiTError for a model EDiT does not support."""
     dm = diffusion_model(patcher)

@@ -122,6 +122,29 @@ def bar_chart(title: str, labels: Sequence[str], values: Sequence[float], unit: 
     return img
 
 
+def paired_bar_chart(title: str, labels: Sequence[str], first: Sequence[float], second: Sequence[float],
+                     names: Tuple[str, str], unit: str = "") -> Image.Image:
+    """Two horizontal bars per label (e.g. before/after), on a shared linear scale."""
+    img = Image.new("RGB", (W, 110 + 44 * len(labels)), "white")
+    d = ImageDraw.Draw(img)
+    f = _font(14)
+    d.text((W / 2, 22), title, fill="black", font=_font(18), anchor="mm")
+    vmax = max(list(first) + list(second) + [1e-12])
+    left, right = 230, W - 120
+    for i, (label, a, b) in enumerate(zip(labels, first, second)):
+        y = 50 + 44 * i
+        d.text((left - 8, y + 17), label, fill="black", font=f, anchor="rm")
+        for j, v in enumerate((a, b)):
+            x1 = left + (right - left) * v / vmax
+            d.rectangle([left, y + 17 * j, x1, y + 17 * j + 15], fill=PALETTE[j])
+            d.text((x1 + 6, y + 17 * j + 8), f"{_fmt(v)}{unit}", fill="black", font=f, anchor="lm")
+    for j, name in enumerate(names):
+        y = img.height - 40 + 18 * j
+        d.rectangle([left, y, left + 14, y + 12], fill=PALETTE[j])
+        d.text((left + 20, y + 6), name, fill="black", font=f, anchor="lm")
+    return img
+
+
 def image_grid(rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str] = (),
                col_labels: Sequence[str] = ()) -> Image.Image:
     """Images in a grid with optional labels (all cells take the first image's size)."""

@@ -9,7 +9,7 @@ import torch
 import comfy.model_management
 
 from .bank import EDiTError
-from .comfy_model import diffusion_model, model_spec
+from .comfy_model import conditioning_dims, diffusion_model
 from .memory import measure_peak
 from .patcher import STUDENT, TEACHER, edit_bank_of
 from .plots import bar_chart
@@ -18,20 +18,15 @@ from .plots import bar_chart
 def model_inputs(patcher, batch: int, width: int, height: int, prompt_tokens: int, seed: int = 0) -> Dict:
     """Random inputs for ``model.apply_model`` at a pixel size (latent = pixels / 8), mid-schedule sigma."""
     dm = diffusion_model(patcher)
-    family = model_spec(patcher).family
-    device = patcher.load_device
+    ctx_dim, pooled_dim = conditioning_dims(patcher)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, dm.in_channels, max(1, height // 8), max(1, width // 8), generator=g)
-    if family == "sd3":
-        ctx_dim = dm.context_embedder.in_features
-    else:
-        ctx_dim = dm.y_embedder.y_proj.fc1.in_features
     inputs = {"x": x, "c_crossattn": torch.randn(batch, prompt_tokens, ctx_dim, generator=g)}
-    if family == "sd3" and dm.y_embedder is not None:
-        inputs["y"] = torch.randn(batch, dm.y_embedder.mlp[0].in_features, generator=g)
+    if pooled_dim:
+        inputs["y"] = torch.randn(batch, pooled_dim, generator=g)
     sigma = patcher.get_model_object("model_sampling").percent_to_sigma(0.5)
     inputs["t"] = torch.full((batch,), float(sigma))
-    return {k: v.to(device) for k, v in inputs.items()}
+    return {k: v.to(patcher.load_device) for k, v in inputs.items()}
 
 
 def sync(device):

@@ -9,10 +9,13 @@ real checkpoint, and benchmarks at real widths.
   for in-process use.
 - A 16- or 4-channel TAESD-layout VAE that VAELoader detects.
 
-Weights are seeded random with 1/sqrt(fan_in) scale. ``attention_gain`` multiplies the
-attention logits (through the q/k-norm weights, or the q/k projection rows where a model
-has no q/k norm): random-init attention is close to uniform, which makes distillation tests
-meaningless; a gain of 4-8 gives peaked attention like a trained model's.
+Weights are seeded random with 1/sqrt(fan_in) scale. Random-init attention is close to
+uniform and random, unlike a trained DiT's, which would make distillation tests meaningless.
+Two knobs make it trained-like: ``local_attention`` ties each k projection to its q
+projection (tokens attend to similar tokens) and lets the sin-cos position embedding dominate
+the patch content (similar tokens are nearby ones); ``attention_gain`` multiplies the logits
+(through the q/k-norm weights, or the q/k projection rows where a model has no q/k norm)
+to make attention peaked.
 """
 import math
 import zlib
@@ -58,27 +61,47 @@ def randomize_(module: torch.nn.Module, seed: int, skip: Iterable[str] = ()):
     return module
 
 
+def _self_attentions(model):
+    return [m for m in model.modules() if isinstance(getattr(m, "qkv", None), torch.nn.Linear)]
+
+
+@torch.no_grad()
+def make_attention_local_(model: torch.nn.Module, tie: float = 0.3, content_scale: float = 0.25):
+    """k's projection becomes q's plus ``tie`` times its own random one (q/k biases dropped,
+    k-norm = q-norm), so logits follow token similarity; the patch embedding is scaled by
+    ``content_scale`` against the position embedding, so similar tokens are nearby ones."""
+    for m in _self_attentions(model):
+        c = m.qkv.out_features // 3
+        m.qkv.weight[c:2 * c] = m.qkv.weight[:c] + tie * m.qkv.weight[c:2 * c]
+        if m.qkv.bias is not None:
+            m.qkv.bias[:2 * c] = 0
+        for q_norm, k_norm in (("ln_q", "ln_k"), ("q_norm", "k_norm")):
+            if getattr(getattr(m, q_norm, None), "weight", None) is not None:
+                getattr(m, k_norm).weight.copy_(getattr(m, q_norm).weight)
+    model.x_embedder.proj.weight.mul_(content_scale)
+    model.x_embedder.proj.bias.mul_(content_scale)
+
+
 @torch.no_grad()
 def sharpen_attention_(model: torch.nn.Module, gain: float):
     """Multiply every self-attention's logits by ``gain`` (sqrt(gain) on q and on k)."""
     s = math.sqrt(gain)
-    for name, m in model.named_modules():
-        if hasattr(m, "qkv") and isinstance(getattr(m, "qkv"), torch.nn.Linear):
-            c = m.qkv.out_features // 3
-            norms = [getattr(m, n, None) for n in ("ln_q", "ln_k", "q_norm", "k_norm")]
-            scaled = [n for n in norms if getattr(n, "weight", None) is not None]
-            if scaled:
-                for n in scaled:
-                    n.weight.mul_(s)
-            else:
-                m.qkv.weight[:2 * c].mul_(s)
-                if m.qkv.bias is not None:
-                    m.qkv.bias[:2 * c].mul_(s)
+    for m in _self_attentions(model):
+        c = m.qkv.out_features // 3
+        norms = [getattr(m, n, None) for n in ("ln_q", "ln_k", "q_norm", "k_norm")]
+        scaled = [n for n in norms if getattr(n, "weight", None) is not None]
+        if scaled:
+            for n in scaled:
+                n.weight.mul_(s)
+        else:
+            m.qkv.weight[:2 * c].mul_(s)
+            if m.qkv.bias is not None:
+                m.qkv.bias[:2 * c].mul_(s)
 
 
 def sd3_state_dict(depth: int = 2, mmditx_layers: Iterable[int] = (0,), qk_norm: bool = True,
                    pos_embed_max_size: int = 64, seed: int = 0, attention_gain: float = 1.0,
-                   dtype=torch.float32):
+                   local_attention: bool = False, dtype=torch.float32):
     """An SD3 (qk_norm=False, no MMDiT-X) or SD3.5-style MMDiT state dict ComfyUI detects."""
     hidden = 64 * depth
     p = pos_embed_max_size
@@ -91,6 +114,8 @@ def sd3_state_dict(depth: int = 2, mmditx_layers: Iterable[int] = (0,), qk_norm:
         dtype=torch.float32, device="cpu")
     randomize_(model, seed, skip=("pos_embed",))
     model.pos_embed.copy_(torch.from_numpy(get_2d_sincos_pos_embed(hidden, p)).float().unsqueeze(0))
+    if local_attention:
+        make_attention_local_(model)
     sharpen_attention_(model, attention_gain)
     return {k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}
 
@@ -110,20 +135,22 @@ def pixart_unet_config(hidden: int, heads: int, depth: int):
 
 
 def pixart_state_dict(hidden: int = 1152, heads: int = 16, depth: int = 1, seed: int = 0,
-                      attention_gain: float = 1.0, dtype=torch.float32):
+                      attention_gain: float = 1.0, local_attention: bool = False, dtype=torch.float32):
     """A PixArt-Sigma state dict; at hidden 1152 / 16 heads ComfyUI detects it from a file."""
     cfg = pixart_unet_config(hidden, heads, depth)
     cfg.pop("image_model")
     model = PixArtMS(**cfg, operations=comfy.ops.disable_weight_init, dtype=torch.float32, device="cpu")
     randomize_(model, seed)
+    if local_attention:
+        make_attention_local_(model)
     sharpen_attention_(model, attention_gain)
     return {k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}
 
 
 def pixart_patcher(hidden: int = 96, heads: int = 4, depth: int = 2, seed: int = 0, attention_gain: float = 1.0,
-                   dtype=torch.float32):
+                   local_attention: bool = False, dtype=torch.float32):
     """A ComfyUI ModelPatcher for PixArt-Sigma at any width (ComfyUI's classes, built directly)."""
-    sd = pixart_state_dict(hidden, heads, depth, seed, attention_gain)
+    sd = pixart_state_dict(hidden, heads, depth, seed, attention_gain, local_attention)
     model_config = comfy.supported_models.PixArtSigma(pixart_unet_config(hidden, heads, depth))
     model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model(sd, "")

@@ -1,0 +1,178 @@
+"""python -m edit_core.distill: distill EDiT weights from a model file, without a server.
+
+    python -m edit_core.distill --model sd3.5_medium.safetensors \\
+        --text-encoders clip_g.safetensors clip_l.safetensors t5xxl_fp16.safetensors \\
+        --prompts prompts.txt --output models/edit/sd35m_edit.safetensors
+
+On several GPUs: ``torchrun --nproc-per-node N -m edit_core.distill ...`` (PyTorch DDP;
+--batch-size must be a multiple of N). Interrupt with Ctrl-C (or SIGTERM): a checkpoint is
+written and the same command resumes. Writes the bank, <output>.report.md, <output>.loss.png
+and <output>.layers.png.
+"""
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+
+def parse_resolutions(text):
+    out = []
+    for part in text.split(","):
+        w, _, h = part.strip().lower().partition("x")
+        out.append((int(w), int(h or w)))
+    return tuple(out)
+
+
+def parse_ints(text):
+    return tuple(int(p) for p in text.split(",") if p.strip())
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m edit_core.distill", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model and prompts")
+    g.add_argument("--model", required=True, help="checkpoint or diffusion-model file (SD3/SD3.5, PixArt-Sigma)")
+    g.add_argument("--text-encoders", nargs="*", default=[], help="text encoder files (when not in the checkpoint)")
+    g.add_argument("--clip-type", choices=["sd3", "pixart"], help="text encoder type (default: the model's family)")
+    g.add_argument("--prompts", help="file with one prompt per line")
+    g.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    g.add_argument("--negative", default="", help="negative prompt for CFG")
+    g.add_argument("--random-conditioning", type=int, metavar="TOKENS",
+                   help="no text encoder: seeded random conditioning of TOKENS tokens per prompt (testing)")
+    g.add_argument("--output", required=True, help="the bank file to write (.safetensors)")
+    g.add_argument("--init-bank", help="continue from this bank instead of an untrained one")
+    g.add_argument("--layers", default="all", help="layers of an untrained bank: 'all' or e.g. '0-12'")
+    g.add_argument("--reduction", type=int, default=32, help="ConvFusion reduction r of an untrained bank")
+    g.add_argument("--eta-mode", choices=["learned", "ratio"], default="learned")
+    g.add_argument("--latents", help="safetensors file with a 'latent' tensor (B, C, h, w) for the task loss")
+    g.add_argument("--comfyui", help="ComfyUI folder (default: $EDIT_COMFYUI_DIR or the one this pack is in)")
+    d = p.add_argument_group("teacher data")
+    d.add_argument("--resolutions", type=parse_resolutions, default=((512, 512),), help="e.g. 512,1024 or 768x512")
+    d.add_argument("--seeds", type=parse_ints, default=(0,), help="noise seeds per prompt, e.g. 0,1,2")
+    d.add_argument("--sampler", default="euler")
+    d.add_argument("--scheduler", default="simple")
+    d.add_argument("--sample-steps", type=int, default=20)
+    d.add_argument("--cfg", type=float, default=4.0)
+    t = p.add_argument_group("training")
+    t.add_argument("--train-steps", type=int, default=500)
+    t.add_argument("--batch-size", type=int, default=2)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--warmup-steps", type=int, default=20)
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--grad-clip", type=float, default=1.0)
+    t.add_argument("--mode", choices=["layerwise+e2e", "layerwise", "e2e"], default="layerwise+e2e")
+    t.add_argument("--layerwise-fraction", type=float, default=0.5)
+    t.add_argument("--feature-weight", type=float, default=1.0)
+    t.add_argument("--output-weight", type=float, default=1.0)
+    t.add_argument("--task-weight", type=float, default=0.0)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--checkpoint-every", type=int, default=50)
+    t.add_argument("--work-dir", help="teacher data and checkpoints (default: <output>.work)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # ComfyUI takes the current device
+    from ..comfy_env import setup_comfy
+    setup_comfy(args.comfyui)
+    import torch.distributed as dist
+    import comfy.sd
+    import comfy.utils
+    from safetensors.torch import load_file
+    from tqdm import tqdm
+
+    from ..bank import EDiTError, init_bank, load_bank, save_bank, select_layers
+    from ..comfy_model import conditioning_dims, model_spec
+    from ..tiny_models import random_conditioning
+    from .config import DistillConfig
+    from .report import layer_error_chart, loss_curve, report_text
+    from .train import distill
+
+    if world > 1:
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM checkpoints like Ctrl-C
+
+    try:
+        prompts = list(args.prompt)
+        if args.prompts:
+            prompts += [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise EDiTError("no prompts: give --prompts FILE or --prompt TEXT")
+        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(args.model, output_vae=False, output_clip=True)
+        spec = model_spec(model)
+        if args.random_conditioning:
+            dims = conditioning_dims(model)
+            encode = lambda text: random_conditioning(text, args.seed, args.random_conditioning, *dims)  # noqa: E731
+        else:
+            if args.text_encoders:
+                clip_type = comfy.sd.CLIPType[(args.clip_type or spec.family).upper()]
+                clip = comfy.sd.load_clip(args.text_encoders, clip_type=clip_type)
+            if clip is None:
+                raise EDiTError(f"{args.model} has no text encoders: give --text-encoders (or --random-conditioning)")
+            encode = lambda text: clip.encode_from_tokens_scheduled(clip.tokenize(text))  # noqa: E731
+        positive = [encode(p) for p in prompts]
+        negative = encode(args.negative)
+        if args.init_bank:
+            bank = load_bank(args.init_bank)
+        else:
+            bank = init_bank(spec, select_layers(spec.layers, args.layers), seed=args.seed,
+                             reduction=args.reduction, eta_mode=args.eta_mode)
+        latents = load_file(args.latents)["latent"] if args.latents else None
+        config = DistillConfig(
+            resolutions=args.resolutions, seeds=args.seeds, sampler=args.sampler, scheduler=args.scheduler,
+            sample_steps=args.sample_steps, cfg=args.cfg, train_steps=args.train_steps, batch_size=args.batch_size,
+            lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+            mode=args.mode, layerwise_fraction=args.layerwise_fraction, feature_weight=args.feature_weight,
+            output_weight=args.output_weight, task_weight=args.task_weight, seed=args.seed,
+            checkpoint_every=args.checkpoint_every)
+        out = Path(args.output)
+        work_dir = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".work")
+
+        bars = {}
+
+        def progress(event):
+            if rank:
+                return
+            bar = bars.get(event["stage"])
+            if bar is None:
+                desc = "teacher trajectories" if event["stage"] == "teacher" else "distilling"
+                bar = bars[event["stage"]] = tqdm(total=event["total"], desc=desc, initial=event["step"] - 1)
+            bar.update(event["step"] - bar.n)
+            if "loss" in event:
+                bar.set_postfix(loss=f"{event['loss']:.4f}", mode=event["mode"])
+
+        result = distill(model, positive, negative, config, work_dir, bank=bank, latents=latents, on_progress=progress)
+        for bar in bars.values():
+            bar.close()
+        if rank == 0:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            save_bank(result.bank, out, training=result.summary())
+            text = report_text(result)
+            Path(str(out) + ".report.md").write_text(text + "\n")
+            loss_curve(result).save(str(out) + ".loss.png")
+            layer_error_chart(result).save(str(out) + ".layers.png")
+            print(text)
+            print(f"\nsaved {out} (+ .report.md, .loss.png, .layers.png); work dir {result.work_dir}")
+            print(json.dumps({"layer_error_before": result.layer_errors_before,
+                              "layer_error_after": result.layer_errors_after}))
+    except EDiTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: checkpoint written; run the same command again to resume", file=sys.stderr)
+        return 130
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

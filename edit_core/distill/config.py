@@ -1,0 +1,89 @@
+"""Distillation settings and the plan of training phases they imply."""
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import List, Tuple
+
+from ..bank import EDiTError
+
+MODES = ("layerwise+e2e", "layerwise", "e2e")
+
+
+@dataclass(frozen=True)
+class Phase:
+    resolution: Tuple[int, int]  # (width, height) in pixels
+    mode: str                    # "layerwise" or "e2e"
+    start: int                   # first global step
+    steps: int
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Everything that determines a distillation's result (besides model, bank and prompts).
+
+    Data: teacher trajectories for every prompt x seed x resolution, sampled with
+    sampler/scheduler/sample_steps/cfg. Training: ``train_steps`` optimiser steps of
+    ``batch_size`` cached samples each, split evenly over the resolutions (ascending:
+    progressive resolution), and within each resolution into layer-wise then end-to-end
+    steps by ``layerwise_fraction`` when mode is "layerwise+e2e".
+    """
+    resolutions: Tuple[Tuple[int, int], ...] = ((512, 512),)
+    seeds: Tuple[int, ...] = (0,)
+    sampler: str = "euler"
+    scheduler: str = "simple"
+    sample_steps: int = 20
+    cfg: float = 4.0
+    train_steps: int = 500
+    batch_size: int = 2
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    mode: str = "layerwise+e2e"
+    layerwise_fraction: float = 0.5
+    feature_weight: float = 1.0
+    output_weight: float = 1.0
+    task_weight: float = 0.0
+    seed: int = 0
+    checkpoint_every: int = 50
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise EDiTError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not self.resolutions or any(w < 16 or h < 16 for w, h in self.resolutions):
+            raise EDiTError(f"resolutions must be at least 16x16 px, got {self.resolutions}")
+        if self.train_steps < len(self.resolutions):
+            raise EDiTError(f"train_steps ({self.train_steps}) must be at least one per resolution "
+                            f"({len(self.resolutions)})")
+        if self.batch_size < 1 or self.sample_steps < 1 or not self.seeds:
+            raise EDiTError("batch_size and sample_steps must be >= 1 and at least one seed is needed")
+        if not 0.0 <= self.layerwise_fraction <= 1.0:
+            raise EDiTError(f"layerwise_fraction must be in [0, 1], got {self.layerwise_fraction}")
+
+    def phases(self) -> List[Phase]:
+        phases, start = [], 0
+        resolutions = sorted(self.resolutions, key=lambda r: (r[0] * r[1], r))
+        for i, res in enumerate(resolutions):
+            n = self.train_steps // len(resolutions) + (self.train_steps % len(resolutions) if i == len(resolutions) - 1 else 0)
+            if self.mode == "layerwise+e2e":
+                lw = round(n * self.layerwise_fraction)
+                split = [("layerwise", lw), ("e2e", n - lw)]
+            else:
+                split = [(self.mode, n)]
+            for mode, steps in split:
+                if steps > 0:
+                    phases.append(Phase(tuple(res), mode, start, steps))
+                    start += steps
+        return phases
+
+    def data_fingerprint(self) -> str:
+        """What the teacher data depends on (changing training settings reuses it)."""
+        return fingerprint({k: getattr(self, k) for k in ("resolutions", "seeds", "sampler", "scheduler",
+                                                          "sample_steps", "cfg")})
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

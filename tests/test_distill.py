@@ -1,0 +1,163 @@
+"""Distillation on tiny teachers built from ComfyUI's own classes: it must really work.
+
+The teachers have trained-like attention (tiny_models: local_attention, attention_gain),
+checked to be far from uniform; random-init attention is near uniform and would make
+fidelity claims meaningless.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from statistics import mean
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from edit_core import tiny_models
+from edit_core.bank import init_bank
+from edit_core.comfy_model import conditioning_dims, diffusion_model, model_spec
+from edit_core.distill.cache import Job, Sample, TrajectoryCache
+from edit_core.distill.config import DistillConfig
+from edit_core.distill.evaluate import attention_entropy, final_latent_errors
+from edit_core.distill.train import distill
+from edit_core.distill.trajectories import generate
+from edit_core.modules import merge_heads, split_heads
+from edit_core.patcher import apply_edit, layer_inputs
+from edit_core.reference import softmax_attention_ref
+from test_attention import rel_err
+
+REPO = Path(__file__).resolve().parents[1]
+
+TEACHERS = {
+    "sd3": (lambda: tiny_models.sd3_patcher(seed=1, attention_gain=4.0, local_attention=True), (256, 256)),
+    "pixart": (lambda: tiny_models.pixart_patcher(hidden=144, heads=2, depth=2, seed=1, attention_gain=3.0,
+                                                  local_attention=True), (384, 384)),
+}
+TRAIN = dict(seeds=(0, 1), sample_steps=6, cfg=3.0, train_steps=300, batch_size=4, lr=1e-2, warmup_steps=10,
+             checkpoint_every=100)
+
+
+def conditioner(model):
+    dims = conditioning_dims(model)
+    return lambda text: tiny_models.random_conditioning(text, 0, 24, *dims)
+
+
+@pytest.fixture(scope="module", params=list(TEACHERS))
+def teacher(request):
+    build, resolution = TEACHERS[request.param]
+    return request.param, build(), resolution
+
+
+def test_tiny_teachers_attention_is_far_from_uniform(teacher):
+    _, model, resolution = teacher
+    cond = conditioner(model)
+    ratios = attention_entropy(model, cond("entropy probe"), cond(""), resolution)
+    # Mean row entropy as a fraction of log(keys): 1.0 is uniform attention.
+    assert all(r < 0.6 for r in ratios.values()), ratios
+    assert mean(ratios.values()) < 0.45, ratios
+
+
+def test_distillation_halves_the_final_latent_error_on_held_out_prompts_and_seeds(teacher, tmp_path):
+    family, model, resolution = teacher
+    cond = conditioner(model)
+    prompts, negative = [cond(f"training prompt {i}") for i in range(8)], cond("")
+    result = distill(model, prompts, negative, DistillConfig(resolutions=(resolution,), **TRAIN), tmp_path)
+    held_out = [cond(f"held-out prompt {i}") for i in range(2)]
+    args = (held_out, negative, (101, 102), resolution)
+    before = mean(final_latent_errors(model, init_bank(model_spec(model)), *args, steps=6, cfg=3.0))
+    after = mean(final_latent_errors(model, result.bank, *args, steps=6, cfg=3.0))
+    print(f"{family}: final latent error {before:.4f} -> {after:.4f} ({100 * (1 - after / before):.0f}% less); "
+          f"layers {result.layer_errors_before} -> {result.layer_errors_after}")
+    assert after <= 0.5 * before
+    for name, err in result.layer_errors_before.items():
+        assert result.layer_errors_after[name] < 0.5 * err, name
+
+
+def test_recomputed_layer_inputs_reproduce_the_teachers_captured_attention(tmp_path):
+    model = tiny_models.sd3_patcher(seed=2)
+    cond = conditioner(model)
+    spec = model_spec(model)
+    cache = TrajectoryCache(tmp_path)
+    job = Job((128, 192), 0, 3)
+    generate(apply_edit(model, init_bank(spec)), [cond("a")], cond(""), [job], cache, DistillConfig(sample_steps=2))
+    refs = cache.samples([job])
+    assert len(refs) == 4  # 2 steps x (cond, uncond)
+    dm = diffusion_model(model)
+    for ref in refs:
+        sample = Sample(ref, "cpu")
+        assert sample.grid == (12, 8)  # 128 px wide, 192 px high
+        for name in spec.layers:
+            with torch.no_grad():
+                x = layer_inputs(dm, name, sample.layer_inputs(name))
+            q, k, v = (split_heads(x[n], spec.heads) for n in ("q", "k", "v"))
+            if "k_txt" in x:  # joint attention: image rows see the prompt keys too
+                k = torch.cat((split_heads(x["k_txt"], spec.heads), k), dim=-2)
+                v = torch.cat((split_heads(x["v_txt"], spec.heads), v), dim=-2)
+            teacher = merge_heads(softmax_attention_ref(q, k, v))
+            assert rel_err(sample.reference(name), teacher) < 1e-4, name
+
+
+def cli(tmp_path, *extra, output="bank.safetensors", work=None, env_extra=None, background=False, nproc=None):
+    model_file = tmp_path / "teacher.safetensors"
+    if not model_file.exists():
+        save_file(tiny_models.sd3_state_dict(seed=1, attention_gain=4.0, local_attention=True), str(model_file))
+        (tmp_path / "prompts.txt").write_text("a red fox\na blue boat\na city at night\na bowl of fruit\n")
+    args = ["--model", str(model_file), "--prompts", str(tmp_path / "prompts.txt"), "--random-conditioning", "24",
+            "--output", str(tmp_path / output), "--resolutions", "256", "--seeds", "0,1", "--sample-steps", "4",
+            "--cfg", "3", "--batch-size", "4", "--lr", "1e-2", "--work-dir", str(work or tmp_path / "work"), *extra]
+    env = dict(os.environ, EDIT_COMFYUI_DIR=os.environ.get("EDIT_COMFYUI_DIR", str(REPO / ".host" / "ComfyUI")),
+               **(env_extra or {}))
+    head = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)] if nproc else [sys.executable]
+    cmd = head + ["-m", "edit_core.distill"] + args
+    if background:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def banks_equal(a, b):
+    ta, tb = load_file(str(a)), load_file(str(b))
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL])
+def test_an_interrupted_run_resumes_to_the_same_bank(tmp_path, how):
+    steps = ["--train-steps", "60", "--checkpoint-every", "10"]
+    full = cli(tmp_path, *steps, output="full.safetensors", work=tmp_path / "work_full")
+    assert full.returncode == 0, full.stdout + full.stderr
+    proc = cli(tmp_path, *steps, output="resumed.safetensors", work=tmp_path / "work_resumed", background=True)
+    checkpoint = None
+    deadline = time.time() + 300
+    while checkpoint is None and proc.poll() is None and time.time() < deadline:
+        checkpoint = next((tmp_path / "work_resumed").glob("run-*/checkpoint.pt"), None)
+        time.sleep(0.02)
+    proc.send_signal(how)
+    out, _ = proc.communicate(timeout=120)
+    assert checkpoint is not None, "the run finished before it wrote a checkpoint: nothing was interrupted\n" + out
+    assert not (tmp_path / "resumed.safetensors").exists(), out
+    if how == signal.SIGINT:
+        assert proc.returncode == 130 and "checkpoint written" in out, out
+    state = torch.load(checkpoint, weights_only=False)
+    assert 0 < state["step"] < 60
+    again = cli(tmp_path, *steps, output="resumed.safetensors", work=tmp_path / "work_resumed")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert banks_equal(tmp_path / "full.safetensors", tmp_path / "resumed.safetensors")
+
+
+def test_two_gloo_processes_match_one_with_the_same_global_batch(tmp_path):
+    steps = ["--train-steps", "12", "--checkpoint-every", "100"]
+    one = cli(tmp_path, *steps, output="one.safetensors", work=tmp_path / "w1", env_extra={"OMP_NUM_THREADS": "1"})
+    two = cli(tmp_path, *steps, output="two.safetensors", work=tmp_path / "w2", env_extra={"OMP_NUM_THREADS": "1"},
+              nproc=2)
+    assert one.returncode == 0, one.stdout + one.stderr
+    assert two.returncode == 0, two.stdout + two.stderr
+    a, b = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
+    init = init_bank(model_spec(tiny_models.sd3_patcher(seed=1))).tensors()
+    scale = max(float(v.abs().max()) for v in a.values())
+    moved = max(float((a[k] - init[k]).abs().max()) for k in a)
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    # Same data, same global batch; only the all-reduce's summation order differs.
+    assert moved > 0.01 * scale, "training did not move the bank: the comparison would be empty"
+    assert diff < 1e-4 * scale, (diff, scale)
