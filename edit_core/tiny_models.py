@@ -175,10 +175,10 @@ def write_tiny_models(models_dir, seed: int = 0) -> dict:
     """
     models_dir = Path(models_dir)
     files = {
-        TINY_SD35: (models_dir / "diffusion_models", lambda: sd3_state_dict(seed=seed, attention_gain=4.0,
-                                                                            dtype=torch.float16)),
-        TINY_PIXART: (models_dir / "diffusion_models", lambda: pixart_state_dict(seed=seed, attention_gain=4.0,
-                                                                                 dtype=torch.float16)),
+        TINY_SD35: (models_dir / "diffusion_models", lambda: sd3_state_dict(
+            seed=seed, attention_gain=4.0, local_attention=True, dtype=torch.float16)),
+        TINY_PIXART: (models_dir / "diffusion_models", lambda: pixart_state_dict(
+            seed=seed, attention_gain=3.0, local_attention=True, dtype=torch.float16)),
         TINY_VAE16: (models_dir / "vae", lambda: taesd_state_dict(16, seed)),
         TINY_VAE4: (models_dir / "vae", lambda: taesd_state_dict(4, seed)),
     }

@@ -2,6 +2,7 @@
 from .apply_node import ApplyEDiT
 from .bank_nodes import EDiTInitFromModel, EDiTLoader, SaveEDiT
 from .conditioning_node import EDiTRandomConditioning
+from .distill_node import EDiTDistill
 from .folders import register_edit_folder
 from .speed_node import EDiTSpeedTest
 
@@ -13,6 +14,7 @@ NODE_CLASS_MAPPINGS = {
     "ApplyEDiT": ApplyEDiT,
     "SaveEDiT": SaveEDiT,
     "EDiTSpeedTest": EDiTSpeedTest,
+    "EDiTDistill": EDiTDistill,
     "EDiTRandomConditioning": EDiTRandomConditioning,
 }
 
@@ -22,5 +24,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ApplyEDiT": "Apply EDiT",
     "SaveEDiT": "Save EDiT",
     "EDiTSpeedTest": "EDiT Speed Test",
+    "EDiTDistill": "EDiT Distill",
     "EDiTRandomConditioning": "EDiT Random Conditioning (testing)",
 }

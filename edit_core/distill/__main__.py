@@ -16,17 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
-
-def parse_resolutions(text):
-    out = []
-    for part in text.split(","):
-        w, _, h = part.strip().lower().partition("x")
-        out.append((int(w), int(h or w)))
-    return tuple(out)
-
-
-def parse_ints(text):
-    return tuple(int(p) for p in text.split(",") if p.strip())
+from .config import parse_ints, parse_resolutions
 
 
 def build_parser():
@@ -84,7 +74,6 @@ def main(argv=None):
     setup_comfy(args.comfyui)
     import torch.distributed as dist
     import comfy.sd
-    import comfy.utils
     from safetensors.torch import load_file
     from tqdm import tqdm
 
@@ -153,7 +142,7 @@ def main(argv=None):
             bar.close()
         if rank == 0:
             out.parent.mkdir(parents=True, exist_ok=True)
-            save_bank(result.bank, out, training=result.summary())
+            save_bank(result.bank, out)
             text = report_text(result)
             Path(str(out) + ".report.md").write_text(text + "\n")
             loss_curve(result).save(str(out) + ".loss.png")

@@ -85,5 +85,24 @@ class DistillConfig:
         return asdict(self)
 
 
+def parse_resolutions(text: str) -> Tuple[Tuple[int, int], ...]:
+    """'512,1024' or '768x512, 1024' -> ((512, 512), (1024, 1024)) / ((768, 512), (1024, 1024))."""
+    out = []
+    for part in text.split(","):
+        w, _, h = part.strip().lower().partition("x")
+        try:
+            out.append((int(w), int(h or w)))
+        except ValueError:
+            raise EDiTError(f"resolutions {text!r}: {part.strip()!r} is not a size like 512 or 768x512")
+    return tuple(out)
+
+
+def parse_ints(text: str) -> Tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise EDiTError(f"{text!r} is not a comma-separated list of whole numbers")
+
+
 def fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

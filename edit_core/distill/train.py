@@ -11,7 +11,7 @@ arguments resumes from it and ends with the same bank as an uninterrupted run.
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -141,10 +141,16 @@ def distill(model, positive: List, negative, config: DistillConfig, work_dir, ba
     on_progress(event) gets {"stage": "teacher"|"train", "step", "total", "loss"?}; raising
     in it (e.g. ComfyUI's interrupt) stops the run after a checkpoint is written.
     """
+    # ComfyUI runs nodes under inference_mode, whose tensors autograd and AdamW cannot use:
+    # everything made here (bank, optimiser state, loaded samples) must be normal tensors.
+    with torch.inference_mode(False):
+        return _distill(model, positive, negative, config, Path(work_dir), bank, latents, on_progress or (lambda e: None))
+
+
+def _distill(model, positive, negative, config, work_dir, bank, latents, progress) -> DistillResult:
     rank, world = _rank_world()
     if config.batch_size % world:
         raise ValueError(f"batch_size {config.batch_size} must be a multiple of the number of processes ({world})")
-    progress = on_progress or (lambda event: None)
     device = model.load_device
     train_dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     start_bank = bank if bank is not None else init_bank(model_spec(model), seed=config.seed)
@@ -152,7 +158,6 @@ def distill(model, positive: List, negative, config: DistillConfig, work_dir, ba
     data_fp = fingerprint([config.data_fingerprint(), model_fp, tensors_fingerprint([positive, negative])])
     run_fp = fingerprint([data_fp, config.to_dict(), tensors_fingerprint(start_bank.tensors()),
                           list(start_bank.config.layers), tensors_fingerprint(latents) if latents is not None else None])
-    work_dir = Path(work_dir)
     run_dir = work_dir / f"run-{run_fp}"
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = run_dir / "checkpoint.pt"
@@ -206,7 +211,7 @@ def distill(model, positive: List, negative, config: DistillConfig, work_dir, ba
     t_start = time.perf_counter() - result.seconds_train
     autocast = torch.autocast("cuda", dtype=train_dtype) if train_dtype != torch.float32 else nullcontext()
     try:
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.enable_grad():
             while step < config.train_steps:
                 phase_index, phase = next((i, p) for i, p in enumerate(phases) if p.start <= step < p.start + p.steps)
                 lr = learning_rate(config, step)
@@ -227,7 +232,7 @@ def distill(model, positive: List, negative, config: DistillConfig, work_dir, ba
                         (loss / len(mine)).backward()
                     step_loss += float(loss.detach()) / len(mine)
                     for k, v in parts.items():
-                        step_parts[k] = step_parts.get(k, 0.0) + float(v) / len(mine)
+                        step_parts[k] = step_parts.get(k, 0.0) + float(v.detach()) / len(mine)
                 torch.nn.utils.clip_grad_norm_(train_bank.parameters(), config.grad_clip)
                 optimizer.step()
                 step += 1
@@ -252,4 +257,5 @@ def distill(model, positive: List, negative, config: DistillConfig, work_dir, ba
 
     result.layer_errors_after = layer_errors(loss_fn, eval_refs, device, train_dtype)
     train_bank.requires_grad_(False)
+    train_bank.config = replace(train_bank.config, training=result.summary())
     return result
