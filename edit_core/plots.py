@@ -164,6 +164,26 @@ def image_grid(rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str] 
     return grid
 
 
+def latent_preview(latent: torch.Tensor, scale: int = 8) -> Image.Image:
+    """A latent's first three channels as RGB (each min-max normalised), upscaled ``scale``x:
+    enough to see whether two latents agree, without a VAE."""
+    x = latent[0, :3].float()
+    if x.shape[0] < 3:
+        x = x[:1].expand(3, -1, -1)
+    lo, hi = x.amin(dim=(1, 2), keepdim=True), x.amax(dim=(1, 2), keepdim=True)
+    x = ((x - lo) / (hi - lo).clamp_min(1e-8) * 255).byte().permute(1, 2, 0).cpu().numpy()
+    img = Image.fromarray(x)
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+
+
+def error_map(latent: torch.Tensor, reference: torch.Tensor, vmax: float, scale: int = 8) -> Image.Image:
+    """|latent - reference| averaged over channels, black (0) to white (vmax), upscaled."""
+    err = (latent[0].float() - reference[0].float()).abs().mean(0)
+    x = (err / max(vmax, 1e-12)).clamp(0, 1).mul(255).byte().cpu().numpy()
+    img = Image.fromarray(x).convert("RGB")
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+
+
 def to_comfy_image(img: Image.Image) -> torch.Tensor:
     """PIL image -> ComfyUI IMAGE tensor (1, H, W, 3) in [0, 1]."""
     return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0).unsqueeze(0)

@@ -161,3 +161,14 @@ def test_two_gloo_processes_match_one_with_the_same_global_batch(tmp_path):
     # Same data, same global batch; only the all-reduce's summation order differs.
     assert moved > 0.01 * scale, "training did not move the bank: the comparison would be empty"
     assert diff < 1e-4 * scale, (diff, scale)
+
+
+def test_benchmark_script_writes_its_table_and_images(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "edit_core.distill.benchmark", "--out", str(tmp_path), "--families",
+                           "sd3", "--modes", "layerwise", "--train-steps", "4", "--prompts", "2"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, EDIT_COMFYUI_DIR=os.environ.get("EDIT_COMFYUI_DIR", str(REPO / ".host" / "ComfyUI"))))
+    assert done.returncode == 0, done.stdout + done.stderr
+    table = (tmp_path / "distill.md").read_text()
+    assert "| sd3 | layerwise | 4 |" in table
+    assert (tmp_path / "sd3_loss.png").stat().st_size > 1000 and (tmp_path / "sd3_latents.png").stat().st_size > 1000
