@@ -14,7 +14,7 @@ def setup_comfy(comfyui_dir=None):
         for c in candidates:
             if c and (Path(c) / "comfy" / "model_management.py").is_file():
                 if str(c) not in sys.path:
-                    sys.path.append(str(c))
+                    sys.path.insert(0, str(c))  # before this pack, whose nodes/ would shadow ComfyUI's nodes.py
                 break
         else:
             raise RuntimeError("ComfyUI not found: set EDIT_COMFYUI_DIR to your ComfyUI folder "

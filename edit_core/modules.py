@@ -80,8 +80,9 @@ class ConvFusion(nn.Module):
                  kernel_size: int = 3, negative_slope: float = 0.01):
         super().__init__()
         hidden = max(2, in_channels // reduction)
-        # Up to 8 groups of at least two channels, so a 1 x 1 grid still normalises.
-        groups = next(g for g in (8, 4, 2, 1) if hidden % g == 0 and hidden // g >= 2)
+        # Up to 8 groups of at least four channels: on a 1 x 1 grid a group of two values
+        # can have a near-zero variance, which normalisation turns into noise.
+        groups = next(g for g in (8, 4, 2, 1) if hidden % g == 0 and (hidden // g >= 4 or g == 1))
         self.negative_slope = negative_slope
         self.conv = nn.Conv2d(in_channels, hidden, kernel_size, padding=kernel_size // 2)
         self.norm = nn.GroupNorm(groups, hidden, eps=1e-6)

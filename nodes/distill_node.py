@@ -4,7 +4,6 @@ import os
 import comfy.samplers
 import comfy.utils
 import folder_paths
-from server import PromptServer
 
 from ..edit_core.bank import EDiTError
 from ..edit_core.distill.config import MODES, DistillConfig, parse_ints, parse_resolutions
@@ -82,6 +81,7 @@ class EDiTDistill:
             bar = bars.setdefault(event["stage"], comfy.utils.ProgressBar(event["total"], node_id=unique_id))
             bar.update_absolute(event["step"], event["total"])  # raises on /interrupt: distill checkpoints
             if "loss" in event and unique_id is not None:
+                from server import PromptServer  # ComfyUI's, already loaded when a node runs
                 PromptServer.instance.send_progress_text(
                     f"step {event['step']}/{event['total']} ({event['mode']}) loss {event['loss']:.4f}", unique_id)
 

@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 COMFYUI_DIR = Path(os.environ.get("EDIT_COMFYUI_DIR", REPO / ".host" / "ComfyUI")).resolve()
 SEED = int(os.environ.get("EDIT_TEST_SEED", random.SystemRandom().randrange(2**31)))
 
-sys.path.insert(0, str(REPO))
+# ComfyUI first: its top-level ``nodes`` module must win over this pack's ``nodes/`` folder.
+sys.path[:0] = [str(COMFYUI_DIR), str(REPO)]
 from edit_core.comfy_env import setup_comfy  # noqa: E402
 
 setup_comfy(COMFYUI_DIR)
