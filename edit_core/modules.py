@@ -174,7 +174,7 @@ class EDiTAttention(nn.Module):
         self.cf = ConvFusion(in_channels or channels, channels, reduction, cf_kernel)
         self.sc_k = SpatialCompressor(channels, sc_kernel)
         self.sc_v = SpatialCompressor(channels, sc_kernel)
-        self.local = LocalValueConv(channels, local_kernel)
+        self.local = LocalValueConv(channels, local_kernel) if local_kernel else None  # 0: plain EDiT
 
     def features(self, x, q, k, v, grid: Grid):
         """(q~, k~, v~) as (B, H, L, D); k~ and v~ on the compressed grid."""
@@ -185,7 +185,8 @@ class EDiTAttention(nn.Module):
 
     def image_image(self, x, q, k, v, grid: Grid) -> torch.Tensor:
         """The image-image interaction, (B, H, N, D): linear attention plus the local branch."""
-        return linear_attention(*self.features(x, q, k, v, grid)) + split_heads(self.local(v, grid), self.heads)
+        out = linear_attention(*self.features(x, q, k, v, grid))
+        return out if self.local is None else out + split_heads(self.local(v, grid), self.heads)
 
     def forward(self, x, q, k, v, grid: Grid) -> torch.Tensor:
         return merge_heads(self.image_image(x, q, k, v, grid))

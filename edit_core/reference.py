@@ -122,7 +122,8 @@ def local_value_ref(local, v, grid):
 
 def edit_image_image_ref(layer, x, q, k, v, grid):
     """(B, H, N, D): linear attention over (relu(q + CF(x)), relu(SC(k)), SC(v)) plus the local branch."""
-    return linear_attention_ref(*edit_features_ref(layer, x, q, k, v, grid)) + _heads(local_value_ref(layer.local, v, grid), layer.heads)
+    out = linear_attention_ref(*edit_features_ref(layer, x, q, k, v, grid))
+    return out if layer.local is None else out + _heads(local_value_ref(layer.local, v, grid), layer.heads)
 
 
 def edit_attention_ref(layer, x, q, k, v, grid):

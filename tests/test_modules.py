@@ -118,6 +118,13 @@ def test_hybrid_attention_matches_reference(grid, n_txt, eta_mode, prompt_rows):
         assert o_txt is None
 
 
+def test_local_branch_can_be_left_out():
+    layer = randomize(EDiTAttention(32, 2, reduction=4, local_kernel=0), scale=0.3)
+    x, q, k, v = (torch.randn(1, 35, 32) for _ in range(4))
+    assert layer.local is None
+    assert rel_err(layer(x, q, k, v, (5, 7)), edit_attention_ref(layer, x, q, k, v, (5, 7))) < FP32_TOL
+
+
 def test_learned_eta_starts_at_the_token_ratio():
     layer = HybridEDiTAttention(32, 2)
     assert torch.allclose(layer.eta(300, 100), torch.full((1, 2, 1, 1), 0.75))

@@ -25,6 +25,7 @@ def main(argv=None):
     p.add_argument("--modes", default="layerwise,e2e,layerwise+e2e")
     p.add_argument("--train-steps", type=int, default=300)
     p.add_argument("--prompts", type=int, default=8, help="training prompts (held-out: 2 more)")
+    p.add_argument("--local-kernel", type=int, default=3, help="local value branch kernel; 0 = plain EDiT (ablation)")
     p.add_argument("--comfyui", help="ComfyUI folder")
     args = p.parse_args(argv)
 
@@ -57,7 +58,7 @@ def main(argv=None):
         prompts, negative = [cond(f"training prompt {i}") for i in range(args.prompts)], cond("")
         held = [cond(f"held-out prompt {i}") for i in range(2)]
         entropy = attention_entropy(model, cond("entropy probe"), negative, res)
-        untrained = init_bank(model_spec(model))
+        untrained = init_bank(model_spec(model), local_kernel=args.local_kernel)
         before = mean(final_latent_errors(model, untrained, held, negative, held_seeds, res, steps=steps, cfg=cfg))
         work = Path(tempfile.mkdtemp(prefix=f"edit-bench-{family}-"))
         curves = {}
@@ -67,7 +68,7 @@ def main(argv=None):
                                    train_steps=args.train_steps, batch_size=4, lr=1e-2, warmup_steps=10,
                                    mode=mode, checkpoint_every=10 ** 9)
             t0 = time.perf_counter()
-            result = distill(model, prompts, negative, config, work)
+            result = distill(model, prompts, negative, config, work, bank=untrained)
             wall = time.perf_counter() - t0
             after = mean(final_latent_errors(model, result.bank, held, negative, held_seeds, res, steps=steps, cfg=cfg))
             layers_before = mean(result.layer_errors_before.values())

@@ -227,8 +227,9 @@ def _distill(model, positive, negative, config, work_dir, bank, latents, progres
                     if latents is not None and phase.mode == "e2e":
                         task = task_inputs(student, latents, step, sample.conds(), config.seed, device)
                     sync = ddp.no_sync() if world > 1 and j < len(mine) - 1 else nullcontext()
-                    with sync, autocast:
-                        loss, parts = ddp(sample, phase.mode, task)
+                    with sync:
+                        with autocast:
+                            loss, parts = ddp(sample, phase.mode, task)
                         (loss / len(mine)).backward()
                     step_loss += float(loss.detach()) / len(mine)
                     for k, v in parts.items():

@@ -1,0 +1,82 @@
+"""EDiT benchmark at the real widths of SD3.5-Medium and PixArt-Sigma (issue 5).
+
+``python -m edit_core.bench --help`` for the command line; ``run_benchmark`` from Python.
+For every point (level, model, resolution, batch, prompt length) it times the unpatched
+baseline with ComfyUI's SDPA attention, the EDiT-patched computation, and the Amdahl bound
+(the baseline with its image self-attentions costing nothing), all in the same run; see
+``cases``, ``timing`` and ``backends`` for what exactly runs and how it is timed.
+"""
+from ..comfy_env import setup_comfy
+
+setup_comfy()
+
+import gc  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable, Optional, Sequence  # noqa: E402
+
+import torch  # noqa: E402
+
+import comfy.model_management  # noqa: E402
+
+from .cases import FAMILIES, LEVELS, PIXART, SD35, Case, Point  # noqa: E402
+from .report import Row, table, target_checks, write  # noqa: E402
+from .timing import measure  # noqa: E402
+
+RESOLUTIONS = (512, 1024, 2048, 4096)
+BATCHES = (1, 2)
+PROMPTS = (154, 333)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def run_benchmark(levels: Sequence[str] = LEVELS, families: Sequence[str] = FAMILIES,
+                  resolutions: Sequence[int] = RESOLUTIONS, batches: Sequence[int] = BATCHES,
+                  prompts: Sequence[int] = PROMPTS, repeats: int = 5, warmup: int = 1, budget: float = 60.0,
+                  depth: Optional[int] = None, device=None, dtype=None, out="results",
+                  log: Callable[[str], None] = print):
+    """Run the grid; write results.md, results.json and PNG plots to ``out`` (rewritten
+    after every point, so an interrupted run keeps what it measured). Returns (rows, paths).
+
+    Defaults: CUDA in bf16 when present, else CPU in float32; model depth 2 on CPU, the
+    real depth on CUDA."""
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    settings = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "repeats": repeats,
+                "warm-up": warmup, "budget s": budget}
+    if "model" in levels:
+        settings["model depth"] = depth or "full"
+    rows, paths = [], {}
+    for level in levels:
+        for family in families:
+            d = depth or (2 if device.type == "cpu" else (SD35 if family == "sd35" else PIXART)["depth"])
+            case = Case(family, level, dtype, device, depth=d)
+            log(f"== {level} / {case.describe()} on {device} ({settings['dtype']})")
+            for px in resolutions:
+                for batch in batches:
+                    for prompt in prompts:
+                        point = Point(family, level, px, batch, prompt)
+                        variants, zeros = case.variants(point)
+                        meas = measure(variants, device, repeats, warmup, budget)
+                        rows.append(Row.of(point, meas, zeros.get("bound")))
+                        log(_line(rows[-1]))
+                        del variants, zeros, meas
+                        paths = write(rows, out, settings, str(device))
+            del case
+            gc.collect()
+            comfy.model_management.unload_all_models()
+            comfy.model_management.soft_empty_cache()
+    return rows, paths
+
+
+def _line(r: Row) -> str:
+    s = (f"{r.level} {r.family} {r.px} px ({r.tokens} tokens) b{r.batch} p{r.prompt}: baseline "
+         f"{r.median('baseline'):.3f} s, EDiT {r.median('edit'):.3f} s -> {r.speedup:.2f}x")
+    if r.fraction is not None:
+        s += f"; bound {r.median('bound'):.3f} s ({r.bound_speedup:.2f}x), {r.fraction:.0%} of it"
+    return s
+
+
+__all__ = ["run_benchmark", "Case", "Point", "Row", "measure", "table", "target_checks", "write", "RESOLUTIONS",
+           "BATCHES", "PROMPTS", "FAMILIES", "LEVELS", "Path"]

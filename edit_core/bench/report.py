@@ -1,0 +1,203 @@
+"""Benchmark results as rows, a markdown table, target checks, JSON and log-log PNG plots."""
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ..plots import line_chart
+from .backends import SDPA_NAME
+from .cases import FAMILY_TITLES
+from .timing import Measurement
+
+MIB = 2 ** 20
+
+
+@dataclass
+class Row:
+    level: str
+    family: str
+    px: int
+    tokens: int
+    batch: int
+    prompt: int
+    times: Dict[str, List[float]]
+    peak_bytes: Dict[str, int]
+    cuda_peak_bytes: Dict[str, Optional[int]] = field(default_factory=dict)
+    cold: Dict[str, bool] = field(default_factory=dict)
+    zero_cost_calls: int = 0   # attention calls the bound variant's last run skipped
+    passed_calls: int = 0      # and ran for real (PixArt cross-attention)
+
+    @classmethod
+    def of(cls, point, meas: Dict[str, Measurement], zero_cost=None):
+        return cls(point.level, point.family, point.px, point.tokens, point.batch, point.prompt,
+                   {n: m.times for n, m in meas.items()}, {n: m.peak_bytes for n, m in meas.items()},
+                   {n: m.cuda_peak_bytes for n, m in meas.items()}, {n: m.cold for n, m in meas.items()},
+                   zero_cost.skipped if zero_cost else 0, zero_cost.passed if zero_cost else 0)
+
+    def median(self, name: str) -> Optional[float]:
+        t = sorted(self.times.get(name) or [])
+        if not t:
+            return None
+        mid = len(t) // 2
+        return t[mid] if len(t) % 2 else (t[mid - 1] + t[mid]) / 2
+
+    @property
+    def speedup(self) -> float:
+        return self.median("baseline") / self.median("edit")
+
+    @property
+    def bound_speedup(self) -> Optional[float]:
+        return self.median("baseline") / self.median("bound") if self.median("bound") else None
+
+    @property
+    def fraction(self) -> Optional[float]:
+        """Share of the Amdahl bound reached: (baseline/EDiT) / (baseline/bound) = bound/EDiT."""
+        return self.median("bound") / self.median("edit") if self.median("bound") else None
+
+    @property
+    def overhead(self) -> Optional[float]:
+        """EDiT's own cost (its attention parts) relative to the block's dense time (the bound)."""
+        return self.median("edit") / self.median("bound") - 1 if self.median("bound") else None
+
+
+def machine() -> Dict[str, str]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "cores": str(os.cpu_count()), "torch threads": str(torch.get_num_threads()),
+            "torch": torch.__version__, "python": platform.python_version(), "attention backend": SDPA_NAME}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        import comfyui_version
+        info["ComfyUI"] = comfyui_version.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def _ms(t: Optional[float]) -> str:
+    return "—" if t is None else f"{t * 1000:,.0f}" if t >= 1 else f"{t * 1000:.1f}"
+
+
+def _x(v: Optional[float]) -> str:
+    return "—" if v is None else f"{v:.2f}x"
+
+
+def _pct(v: Optional[float]) -> str:
+    return "—" if v is None else f"{v * 100:.0f}%"
+
+
+def _mib(b: Optional[int]) -> str:
+    return "—" if b is None else f"{b / MIB:,.0f}"
+
+
+def _runs(row: Row) -> str:
+    return "/".join(f"{len(row.times[n])}{'*' if row.cold.get(n) else ''}" for n in ("baseline", "edit", "bound")
+                    if n in row.times)
+
+
+COLUMNS = ["level", "model", "px", "tokens", "batch", "prompt", "baseline ms", "EDiT ms", "bound ms", "speed-up",
+           "bound", "of bound", "EDiT overhead", "peak MiB base/EDiT/bound", "runs b/e/z"]
+
+
+def table(rows: Sequence[Row]) -> str:
+    """Markdown table, one line per point."""
+    cuda = any(v is not None for r in rows for v in r.cuda_peak_bytes.values())
+    cols = COLUMNS + (["CUDA peak MiB base/EDiT/bound"] if cuda else [])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = [r.level, r.family, str(r.px), f"{r.tokens:,}", str(r.batch), str(r.prompt), _ms(r.median("baseline")),
+                 _ms(r.median("edit")), _ms(r.median("bound")), _x(r.speedup), _x(r.bound_speedup), _pct(r.fraction),
+                 _pct(r.overhead), "/".join(_mib(r.peak_bytes.get(n)) for n in ("baseline", "edit", "bound")
+                                            if n in r.peak_bytes), _runs(r)]
+        if cuda:
+            cells.append("/".join(_mib(r.cuda_peak_bytes.get(n)) for n in ("baseline", "edit", "bound")
+                                  if n in r.cuda_peak_bytes))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# Issue 5, section 2: (family, px or None for all) -> minimum fraction of the bound / minimum speed-up.
+FRACTION_TARGETS = {("sd35", 1024): 0.9, ("sd35", 2048): 0.9, ("sd35", 4096): 0.9, ("pixart", None): 0.9}
+SPEEDUP_TARGETS = {("sd35", 2048): 2.4, ("sd35", 4096): 5.0, ("pixart", 2048): 4.0}
+OVERHEAD_TARGET = (1024, 0.10)
+MEMORY_GROWTH_TARGET = (2048, 4096, 4.5)
+
+
+def _target(targets, r: Row):
+    return targets.get((r.family, r.px), targets.get((r.family, None)))
+
+
+def target_checks(rows: Sequence[Row]) -> List[str]:
+    """One line per target the block-level rows can be checked against: value, target, met."""
+    out = []
+    blocks = [r for r in rows if r.level == "block"]
+    for r in blocks:
+        where = f"{r.family} {r.px} px b{r.batch} p{r.prompt}"
+        t = _target(FRACTION_TARGETS, r)
+        if t is not None:
+            out.append(f"{'met ' if r.fraction >= t else 'MISS'} {where}: {r.fraction:.0%} of the bound (target >= {t:.0%})")
+        t = _target(SPEEDUP_TARGETS, r)
+        if t is not None:
+            out.append(f"{'met ' if r.speedup >= t else 'MISS'} {where}: {r.speedup:.2f}x (target >= {t:g}x)")
+        if r.px == OVERHEAD_TARGET[0]:
+            ok = r.overhead <= OVERHEAD_TARGET[1]
+            out.append(f"{'met ' if ok else 'MISS'} {where}: EDiT overhead {r.overhead:.1%} of dense time "
+                       f"(target <= {OVERHEAD_TARGET[1]:.0%})")
+    lo, hi, limit = MEMORY_GROWTH_TARGET
+    for r in blocks:
+        if r.px != hi:
+            continue
+        prev = next((p for p in blocks if (p.family, p.batch, p.prompt, p.px) == (r.family, r.batch, r.prompt, lo)), None)
+        if prev is not None and prev.peak_bytes.get("edit"):
+            g = r.peak_bytes["edit"] / prev.peak_bytes["edit"]
+            out.append(f"{'met ' if g <= limit else 'MISS'} {r.family} b{r.batch} p{r.prompt}: EDiT peak memory "
+                       f"{lo} -> {hi} px grows {g:.2f}x (target <= {limit}x; tokens grow 4x)")
+    return out
+
+
+def plots(rows: Sequence[Row], folder: Path, device: str) -> List[Path]:
+    """One log-log PNG (time vs image tokens: baseline, EDiT, bound) per level, model, batch and prompt."""
+    paths = []
+    keys = sorted({(r.level, r.family, r.batch, r.prompt) for r in rows}, key=str)
+    for level, family, batch, prompt in keys:
+        sel = sorted((r for r in rows if (r.level, r.family, r.batch, r.prompt) == (level, family, batch, prompt)),
+                     key=lambda r: r.tokens)
+        series = {}
+        for name, label in (("baseline", "baseline (SDPA)"), ("edit", "EDiT"), ("bound", "Amdahl bound")):
+            pts = [(r.tokens, r.median(name)) for r in sel if r.median(name)]
+            if pts:
+                series[label] = ([p[0] for p in pts], [p[1] for p in pts])
+        title = f"{level}: {FAMILY_TITLES[family] if level == 'block' else family}, batch {batch}, {prompt} tok ({device})"
+        img = line_chart(title, series, "image tokens", "seconds", log_x=True, log_y=True, dashed=("Amdahl bound",))
+        path = folder / f"{level}_{family}_b{batch}_p{prompt}.png"
+        img.save(path)
+        paths.append(path)
+    return paths
+
+
+def write(rows: Sequence[Row], folder, settings: Dict, device: str) -> Dict[str, Path]:
+    """results.md (machine, settings, table, target checks), results.json and the PNG plots."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    md = ["# EDiT benchmark", "", "Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()), "",
+          "Settings: " + "; ".join(f"{k} {v}" for k, v in settings.items()), "", table(rows), "",
+          "Runs b/e/z: timed runs of baseline / EDiT / bound; * = one run longer than the time budget, "
+          "timed without further warm-up.", "", "## Targets (issue 5)", ""]
+    md += [f"- {line}" for line in target_checks(rows)] or ["- (no block-level rows)"]
+    paths = {"table": folder / "results.md", "json": folder / "results.json"}
+    paths["table"].write_text("\n".join(md) + "\n")
+    paths["json"].write_text(json.dumps({"machine": info, "settings": settings, "rows": [asdict(r) for r in rows]},
+                                        indent=1))
+    for p in plots(rows, folder, device):
+        paths[p.stem] = p
+    return paths
