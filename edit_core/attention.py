@@ -13,7 +13,20 @@ SoftmaxAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Te
 Eta = Union[None, float, torch.Tensor]
 
 
-def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+EPS = 1e-6
+
+
+def linear_attention_state(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The per-head (D x D+1) state [k^T v | k^T 1] of linear attention, in float32 (float64
+    for float64 inputs). k and v have few (compressed) tokens: head-major contiguous copies
+    of them are cheap and make the reduction over tokens a fast batched GEMM."""
+    acc = torch.promote_types(k.dtype, torch.float32)
+    k, v = k.to(acc).contiguous(), v.to(acc).contiguous()
+    # The normaliser rides along as an extra value column: one read-out matmul for both.
+    return torch.cat((k.transpose(-1, -2) @ v, k.sum(-2).unsqueeze(-1)), dim=-1)
+
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """out_i = q_i (sum_j k_j^T v_j) / (q_i . sum_j k_j + eps).
 
     q (B, H, N, D), k and v (B, H, M, D); q and k are already non-negative features.
@@ -21,12 +34,8 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: flo
     inputs) whatever the input dtype: a sum over 65k bf16 tokens would lose most of its
     bits. The result has q's dtype. Memory is O((N + M) * D): no N x M tensor is formed.
     """
-    acc = torch.promote_types(q.dtype, torch.float32)
-    k, v = k.to(acc), v.to(acc)
-    # One read-out matmul for numerator and denominator: the normaliser rides along as
-    # an extra value column.
-    state = torch.cat((k.transpose(-1, -2) @ v, k.sum(-2).unsqueeze(-1)), dim=-1)
-    out = q.to(acc) @ state
+    state = linear_attention_state(k, v)
+    out = q.to(state.dtype) @ state
     return (out[..., :-1] / (out[..., -1:] + eps)).to(q.dtype)
 
 
@@ -39,10 +48,23 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v)
 
 
+def cat_tokens(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Concatenate (B, H, L, D) tensors along L. Head views of (B, L, H*D) tokens are joined
+    in token layout (contiguous rows; the result is again such a view): joining them
+    head-major would gather every row with strides."""
+    if a.stride(1) < a.stride(2) and b.stride(1) < b.stride(2):
+        return torch.cat((a.transpose(1, 2), b.transpose(1, 2)), dim=1).transpose(1, 2)
+    return torch.cat((a, b), dim=-2)
+
+
 def prompt_rows(q_txt, k_txt, v_txt, k_img, v_img, softmax_attention: Optional[SoftmaxAttention] = None):
     """The original joint attention's prompt rows: softmax of q_txt over [k_txt; k_img]."""
     softmax_attention = softmax_attention or sdpa
-    return softmax_attention(q_txt, torch.cat((k_txt, k_img), dim=-2), torch.cat((v_txt, v_img), dim=-2))
+    return softmax_attention(q_txt, cat_tokens(k_txt, k_img), cat_tokens(v_txt, v_img))
+
+
+def mix_weight(eta: Eta, like: torch.Tensor) -> Union[float, torch.Tensor]:
+    return eta.to(like.dtype) if torch.is_tensor(eta) else eta
 
 
 def mix_image_rows(q_img, k_txt, v_txt, image_image: torch.Tensor, eta: Eta = None,
@@ -53,9 +75,7 @@ def mix_image_rows(q_img, k_txt, v_txt, image_image: torch.Tensor, eta: Eta = No
     if eta is None:
         eta = token_ratio_eta(q_img.shape[-2], k_txt.shape[-2])
     soft = softmax_attention(q_img, k_txt, v_txt)
-    if torch.is_tensor(eta):
-        eta = eta.to(soft.dtype)
-    return soft + eta * (image_image - soft)
+    return torch.lerp(soft, image_image.to(soft.dtype), mix_weight(eta, soft))
 
 
 def mm_edit_attention(q_txt, k_txt, v_txt, q_img, k_img, v_img, q_lin, k_lin, v_lin,

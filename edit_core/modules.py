@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import SoftmaxAttention, linear_attention, mix_image_rows, token_ratio_eta
+from .attention import EPS, SoftmaxAttention, linear_attention_state, mix_weight, sdpa, token_ratio_eta
 from .attention import prompt_rows as joint_prompt_rows
 
 Grid = Tuple[int, int]
@@ -151,7 +151,9 @@ class LocalValueConv(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, v: torch.Tensor, grid: Grid) -> torch.Tensor:
-        g = tokens_to_grid(v, grid)
+        # v is often a strided view (inside a fused qkv output); the depthwise conv is several
+        # times faster on a dense channels-last grid than the copy costs.
+        g = tokens_to_grid(v.contiguous(), grid)
         g = F.conv2d(g, _cast(self.weight, g), _cast(self.bias, g), padding=self.weight.shape[-1] // 2,
                      groups=g.shape[1])
         return grid_to_tokens(g)
@@ -178,18 +180,34 @@ class EDiTAttention(nn.Module):
 
     def features(self, x, q, k, v, grid: Grid):
         """(q~, k~, v~) as (B, H, L, D); k~ and v~ on the compressed grid."""
-        q_lin = F.relu(q + self.cf(x, grid))
-        k_lin = F.relu(self.sc_k(k, grid))
+        # In place on fresh outputs whose producers do not keep them for backward: no extra
+        # full-size tensors.
+        q_lin = self.cf(x, grid).add_(q).relu_()
+        k_lin = self.sc_k(k, grid).relu_()
         v_lin = self.sc_v(v, grid)
         return tuple(split_heads(t, self.heads) for t in (q_lin, k_lin, v_lin))
 
+    def image_image_tokens(self, x, q, k, v, grid: Grid) -> torch.Tensor:
+        """The image-image interaction as (B, N, C) tokens: linear attention plus the local
+        branch, accumulated in place into the local branch's output (the normalising division
+        and the sum in one pass), so nothing is transposed or copied on the way out."""
+        q_lin, k_lin, v_lin = self.features(x, q, k, v, grid)
+        state = linear_attention_state(k_lin, v_lin)
+        local = v.new_zeros(v.shape) if self.local is None else self.local(v, grid)
+        acc = split_heads(local, self.heads)
+        # One batch at a time: q_lin's head view is strided, and a batched matmul would copy
+        # it whole to fold B and H into one batch dimension.
+        for i in range(q_lin.shape[0]):
+            out = q_lin[i].to(state.dtype) @ state[i]
+            acc[i].addcdiv_(out[..., :-1], out[..., -1:] + EPS)
+        return local
+
     def image_image(self, x, q, k, v, grid: Grid) -> torch.Tensor:
         """The image-image interaction, (B, H, N, D): linear attention plus the local branch."""
-        out = linear_attention(*self.features(x, q, k, v, grid))
-        return out if self.local is None else out + split_heads(self.local(v, grid), self.heads)
+        return split_heads(self.image_image_tokens(x, q, k, v, grid), self.heads)
 
     def forward(self, x, q, k, v, grid: Grid) -> torch.Tensor:
-        return merge_heads(self.image_image(x, q, k, v, grid))
+        return self.image_image_tokens(x, q, k, v, grid)
 
 
 class HybridEDiTAttention(EDiTAttention):
@@ -220,8 +238,12 @@ class HybridEDiTAttention(EDiTAttention):
                 softmax_attention: Optional[SoftmaxAttention] = None, prompt_rows: bool = True):
         """All token tensors (B, L, C). Returns (o_txt, o_img) as (B, L, C); o_txt is None
         when ``prompt_rows`` is False (SD3's last block has no prompt output)."""
+        softmax_attention = softmax_attention or sdpa
         qt, kt, vt, qi, ki, vi = (split_heads(t, self.heads) for t in (q_txt, k_txt, v_txt, q, k, v))
         eta = self.eta(q.shape[1], q_txt.shape[1])
-        o_img = mix_image_rows(qi, kt, vt, self.image_image(x, q, k, v, grid), eta, softmax_attention)
+        o_img = self.image_image_tokens(x, q, k, v, grid)
+        soft = softmax_attention(qi, kt, vt)
+        # eta * image_image + (1 - eta) * soft, in place on our own (B, N, C) tensor.
+        split_heads(o_img, self.heads).lerp_(soft.to(o_img.dtype), 1 - mix_weight(eta, o_img))
         o_txt = merge_heads(joint_prompt_rows(qt, kt, vt, ki, vi, softmax_attention)) if prompt_rows else None
-        return o_txt, merge_heads(o_img)
+        return o_txt, o_img

@@ -11,6 +11,7 @@ from ..comfy_env import setup_comfy
 setup_comfy()
 
 import gc  # noqa: E402
+import os  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable, Optional, Sequence  # noqa: E402
 
@@ -18,7 +19,7 @@ import torch  # noqa: E402
 
 import comfy.model_management  # noqa: E402
 
-from .cases import FAMILIES, LEVELS, PIXART, SD35, Case, Point  # noqa: E402
+from .cases import FAMILIES, LEVELS, REAL, Case, Point  # noqa: E402
 from .report import Row, table, target_checks, write  # noqa: E402
 from .timing import measure  # noqa: E402
 
@@ -34,24 +35,29 @@ def default_device() -> torch.device:
 def run_benchmark(levels: Sequence[str] = LEVELS, families: Sequence[str] = FAMILIES,
                   resolutions: Sequence[int] = RESOLUTIONS, batches: Sequence[int] = BATCHES,
                   prompts: Sequence[int] = PROMPTS, repeats: int = 5, warmup: int = 1, budget: float = 60.0,
-                  depth: Optional[int] = None, device=None, dtype=None, out="results",
-                  log: Callable[[str], None] = print):
+                  depth: Optional[int] = None, device=None, dtype=None, out="results", threads: Optional[int] = None,
+                  tiny: bool = False, log: Callable[[str], None] = print):
     """Run the grid; write results.md, results.json and PNG plots to ``out`` (rewritten
     after every point, so an interrupted run keeps what it measured). Returns (rows, paths).
 
     Defaults: CUDA in bf16 when present, else CPU in float32; model depth 2 on CPU, the
-    real depth on CUDA."""
+    real depth on CUDA; torch's own thread count. ``tiny`` swaps the real widths for tiny
+    ones: a smoke test of the machinery, not a benchmark."""
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    settings = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "repeats": repeats,
-                "warm-up": warmup, "budget s": budget}
+    if threads:
+        torch.set_num_threads(threads)
+    settings = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+                "repeats": repeats, "warm-up": warmup, "budget s": budget, "load average at start": _load()}
     if "model" in levels:
-        settings["model depth"] = depth or "full"
+        settings["model depth"] = depth or ("2" if device.type == "cpu" or tiny else "full")
+    if tiny:
+        settings["widths"] = "TINY (smoke test, not a benchmark)"
     rows, paths = [], {}
     for level in levels:
         for family in families:
-            d = depth or (2 if device.type == "cpu" else (SD35 if family == "sd35" else PIXART)["depth"])
-            case = Case(family, level, dtype, device, depth=d)
+            d = depth or (2 if device.type == "cpu" or tiny else REAL[family]["depth"])
+            case = Case(family, level, dtype, device, depth=d, tiny=tiny)
             log(f"== {level} / {case.describe()} on {device} ({settings['dtype']})")
             for px in resolutions:
                 for batch in batches:
@@ -62,12 +68,21 @@ def run_benchmark(levels: Sequence[str] = LEVELS, families: Sequence[str] = FAMI
                         rows.append(Row.of(point, meas, zeros.get("bound")))
                         log(_line(rows[-1]))
                         del variants, zeros, meas
+                        settings["load average at end"] = _load()
                         paths = write(rows, out, settings, str(device))
             del case
             gc.collect()
             comfy.model_management.unload_all_models()
             comfy.model_management.soft_empty_cache()
     return rows, paths
+
+
+def _load() -> str:
+    """The 1-minute load average: other processes on the machine skew CPU timings."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "n/a"
 
 
 def _line(r: Row) -> str:

@@ -27,6 +27,8 @@ def main(argv=None):
     p.add_argument("--depth", type=int, default=None, help="blocks in the model level (default: 2 on CPU, all on CUDA)")
     p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--tiny", action="store_true", help="tiny widths: a smoke test of the machinery, not a benchmark")
     p.add_argument("--out", default="results", help="folder for results.md, results.json and the PNG plots")
     p.add_argument("--quick", action="store_true", help="block level, 512 and 1024 px, batch 1, 154 tokens, "
                                                         "3 repeats, 20 s budget (explicit options still win)")
@@ -40,7 +42,7 @@ def main(argv=None):
     t0 = time.time()
     rows, paths = run_benchmark(args.levels, args.families, args.resolutions, args.batches, args.prompts, args.repeats,
                                 args.warmup, args.budget, args.depth, args.device,
-                                DTYPES[args.dtype] if args.dtype else None, args.out)
+                                DTYPES[args.dtype] if args.dtype else None, args.out, args.threads, args.tiny)
     print()
     print(table(rows))
     print()

@@ -36,6 +36,10 @@ LEVELS = ("attention", "block", "model")
 SD35 = dict(hidden=1536, heads=24, depth=24, mmditx_layers=tuple(range(13)), pos_embed_max_size=384)
 # PixArt-Sigma: 28 blocks of width 1152 (16 heads x 72), cross-attention to T5 tokens.
 PIXART = dict(hidden=1152, heads=16, depth=28)
+REAL = {"sd35": SD35, "pixart": PIXART}
+# Smoke-test widths (tests, --tiny): the same classes and code paths, nothing worth timing.
+TINY = {"sd35": dict(SD35, hidden=128, heads=2, depth=2, pos_embed_max_size=64),
+        "pixart": dict(PIXART, hidden=64, heads=4, depth=2)}
 FAMILY_TITLES = {"sd35": "SD3.5-Medium MMDiT-X joint block", "pixart": "PixArt-Sigma block"}
 
 
@@ -66,8 +70,7 @@ class Point:
 Variants = Dict[str, Callable[[], object]]
 
 
-def _bank_layers(family: str, seed: int, device):
-    cfg = SD35 if family == "sd35" else PIXART
+def _bank_layers(family: str, cfg: dict, seed: int, device):
     if family == "sd35":
         spec = ModelSpec("sd3", cfg["hidden"], cfg["heads"], 1, ("joint_blocks.0.attn", "joint_blocks.0.attn2"))
     else:
@@ -77,30 +80,33 @@ def _bank_layers(family: str, seed: int, device):
     return [bank.layer(name) for name in spec.layers]
 
 
-def sd35_block(dtype, device, seed: int = 0) -> JointBlock:
+def sd35_block(cfg: dict, dtype, device, seed: int = 0) -> JointBlock:
     """One SD3.5-Medium MMDiT-X joint block (blocks 0-12 of the real model), ComfyUI's class."""
-    block = JointBlock(SD35["hidden"], SD35["heads"], mlp_ratio=4.0, qkv_bias=True, attn_mode="torch", pre_only=False,
+    block = JointBlock(cfg["hidden"], cfg["heads"], mlp_ratio=4.0, qkv_bias=True, attn_mode="torch", pre_only=False,
                        rmsnorm=False, scale_mod_only=False, swiglu=False, qk_norm="rms", x_block_self_attn=True,
                        dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init)
     return randomize_(block, seed).to(device=device, dtype=dtype).eval()
 
 
-def pixart_block(dtype, device, seed: int = 0) -> PixArtMSBlock:
+def pixart_block(cfg: dict, dtype, device, seed: int = 0) -> PixArtMSBlock:
     """One PixArt-Sigma block, ComfyUI's class."""
-    block = PixArtMSBlock(PIXART["hidden"], PIXART["heads"], mlp_ratio=4.0, qk_norm=False,
+    block = PixArtMSBlock(cfg["hidden"], cfg["heads"], mlp_ratio=4.0, qk_norm=False,
                           dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init)
     return randomize_(block, seed).to(device=device, dtype=dtype).eval()
 
 
-def sd35_patcher(depth: int, dtype, seed: int = 0):
-    """SD3.5-Medium at its real width with the first ``depth`` of its 24 blocks (the last one
-    ``pre_only`` as in the real model), through ComfyUI's SD3 model class."""
-    unet_config = {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": SD35["depth"], "num_blocks": depth,
+def sd35_patcher(cfg: dict, depth: int, dtype, seed: int = 0):
+    """SD3.5-Medium at its width with the first ``depth`` of its blocks (the last one
+    ``pre_only`` as in the real model), through ComfyUI's SD3 model class. ComfyUI's MMDiT
+    has width 64 * its configured depth, so depth is configured from the width and the
+    blocks are cut with ``num_blocks``."""
+    unet_config = {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": cfg["hidden"] // 64,
+                   "num_blocks": depth,
                    "adm_in_channels": SD3_POOLED_DIM, "pos_embed_scaling_factor": None,
                    "context_embedder_config": {"target": "torch.nn.Linear",
-                                               "params": {"in_features": SD3_CONTEXT_DIM, "out_features": SD35["hidden"]}},
-                   "num_patches": SD35["pos_embed_max_size"] ** 2, "pos_embed_max_size": SD35["pos_embed_max_size"],
-                   "qk_norm": "rms", "x_block_self_attn_layers": [i for i in SD35["mmditx_layers"] if i < depth]}
+                                               "params": {"in_features": SD3_CONTEXT_DIM, "out_features": cfg["hidden"]}},
+                   "num_patches": cfg["pos_embed_max_size"] ** 2, "pos_embed_max_size": cfg["pos_embed_max_size"],
+                   "qk_norm": "rms", "x_block_self_attn_layers": [i for i in cfg["mmditx_layers"] if i < depth]}
     model_config = comfy.supported_models.SD3(unet_config)
     model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({}, "")
@@ -112,25 +118,27 @@ def sd35_patcher(depth: int, dtype, seed: int = 0):
 class Case:
     """The modules of one (family, level), built once and reused for every point."""
 
-    def __init__(self, family: str, level: str, dtype, device, depth: int = 2, seed: int = 0):
+    def __init__(self, family: str, level: str, dtype, device, depth: int = 2, seed: int = 0, tiny: bool = False):
         if family not in FAMILIES or level not in LEVELS:
             raise ValueError(f"unknown family/level {family!r}/{level!r}: choose from {FAMILIES} / {LEVELS}")
         self.family, self.level, self.dtype, self.device = family, level, dtype, torch.device(device)
+        self.cfg = (TINY if tiny else REAL)[family]
         if level == "model":
-            base = (sd35_patcher(depth, dtype, seed) if family == "sd35" else
-                    pixart_patcher(PIXART["hidden"], PIXART["heads"], depth, seed, dtype=dtype))
+            base = (sd35_patcher(self.cfg, depth, dtype, seed) if family == "sd35" else
+                    pixart_patcher(self.cfg["hidden"], self.cfg["heads"], depth, seed, dtype=dtype))
             self.patcher = apply_edit(base, randomize_(init_bank(model_spec(base)), seed + 1))
             comfy.model_management.load_models_gpu([self.patcher])
         else:
-            self.block = (sd35_block if family == "sd35" else pixart_block)(dtype, self.device, seed)
-            self.layers = _bank_layers(family, seed + 1, self.device)
+            self.block = (sd35_block if family == "sd35" else pixart_block)(self.cfg, dtype, self.device, seed)
+            self.layers = _bank_layers(family, self.cfg, seed + 1, self.device)
 
     def describe(self) -> str:
+        width = f"width {self.cfg['hidden']}, {self.cfg['heads']} heads"
         if self.level == "model":
             dm = self.patcher.model.diffusion_model
             n = len(dm.joint_blocks if self.family == "sd35" else dm.blocks)
-            return f"{self.family} model, {n} blocks at full width"
-        return FAMILY_TITLES[self.family]
+            return f"{self.family} model, {n} blocks, {width}"
+        return f"{FAMILY_TITLES[self.family]}, {width}"
 
     def variants(self, point: Point) -> Tuple[Variants, Dict[str, ZeroCostAttention]]:
         """Callables for baseline / edit / bound at a point (bound absent at the attention
@@ -151,7 +159,7 @@ class Case:
 
     # -- SD3.5-Medium --------------------------------------------------------------------
     def _sd35_inputs(self, p: Point, g):
-        c = SD35["hidden"]
+        c = self.cfg["hidden"]
         return self._randn(g, p.batch, p.prompt, c), self._randn(g, p.batch, p.tokens, c), self._randn(g, p.batch, c)
 
     def _block_sd35(self, p: Point, g) -> Variants:
@@ -170,7 +178,7 @@ class Case:
 
     def _attention_sd35(self, p: Point, g) -> Variants:
         context, x, c = self._sd35_inputs(p, g)
-        heads = SD35["heads"]
+        heads = self.cfg["heads"]
         ctx_qkv, _, x_qkv, x_qkv2, _ = sd3_pre_attention(self.block, context, x, c)
         attn, attn2 = self.layers
 
@@ -186,7 +194,7 @@ class Case:
 
     # -- PixArt-Sigma ----------------------------------------------------------------------
     def _pixart_inputs(self, p: Point, g):
-        c = PIXART["hidden"]
+        c = self.cfg["hidden"]
         # The model folds the prompts of a batch into one (1, B*M, C) sequence.
         return self._randn(g, p.batch, p.tokens, c), self._randn(g, 1, p.batch * p.prompt, c), self._randn(g, p.batch, 6 * c)
 
@@ -210,9 +218,9 @@ class Case:
         return {"baseline": baseline, "edit": edit, "bound": baseline}
 
     def _attention_pixart(self, p: Point, g) -> Variants:
-        x = self._randn(g, p.batch, p.tokens, PIXART["hidden"])
+        x = self._randn(g, p.batch, p.tokens, self.cfg["hidden"])
         attn, layer = self.block.attn, self.layers[0]
-        heads = PIXART["heads"]
+        heads = self.cfg["heads"]
         q, k, v = pixart_qkv(attn, x)
 
         def baseline():  # as AttentionKVCompress calls it: (B, H, N, D) views in, (B, N, C) out

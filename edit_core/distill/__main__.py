@@ -5,8 +5,8 @@
         --prompts prompts.txt --output models/edit/sd35m_edit.safetensors
 
 On several GPUs: ``torchrun --nproc-per-node N -m edit_core.distill ...`` (PyTorch DDP;
---batch-size must be a multiple of N). Interrupt with Ctrl-C (or SIGTERM): a checkpoint is
-written and the same command resumes. Writes the bank, <output>.report.md, <output>.loss.png
+--batch-size must be a multiple of N). Interrupt with Ctrl-C (or SIGTERM): at the end of the
+current step a checkpoint is written, and the same command resumes. Writes the bank, <output>.report.md, <output>.loss.png
 and <output>.layers.png.
 """
 import argparse
@@ -86,7 +86,17 @@ def main(argv=None):
 
     if world > 1:
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM checkpoints like Ctrl-C
+    stop = []
+
+    def request_stop(signum, frame):
+        # Stop at the next step boundary, so the checkpoint holds a whole optimiser step;
+        # a second signal stops at once.
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
 
     try:
         prompts = list(args.prompt)
@@ -127,6 +137,8 @@ def main(argv=None):
         bars = {}
 
         def progress(event):
+            if stop:
+                raise KeyboardInterrupt
             if rank:
                 return
             bar = bars.get(event["stage"])
