@@ -92,6 +92,7 @@ class EDiTBank(nn.Module):
     def __init__(self, config: BankConfig):
         super().__init__()
         self.config = config
+        self.source: Optional[str] = None  # the file it was loaded from, for error messages
         self.layers = nn.ModuleDict()
         for name in config.layers:
             kind = layer_kind(config.family, name)
@@ -219,6 +220,7 @@ def load_bank(path) -> EDiTBank:
     if bad:
         raise EDiTError(f"{path} has non-finite values in {', '.join(bad[:8])}")
     bank.layers.load_state_dict({k: v for k, v in tensors.items()})
+    bank.source = str(path)
     return bank
 
 

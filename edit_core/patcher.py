@@ -268,12 +268,12 @@ def _original(patcher, name):
     return obj.original if isinstance(obj, PATCH_TYPES) else obj
 
 
-def apply_edit(patcher, bank: EDiTBank, options: EditOptions = EditOptions(), source: str = "the bank"):
+def apply_edit(patcher, bank: EDiTBank, options: EditOptions = EditOptions(), source: Optional[str] = None):
     """Return a clone of ``patcher`` with EDiT attention from ``bank``. The bank is checked
     against the model first; on any error nothing is patched and the input is untouched.
     Applying EDiT to an EDiT-patched model replaces the earlier bank and options."""
     spec = model_spec(patcher)
-    check_bank_fits(bank.config, spec, source)
+    check_bank_fits(bank.config, spec, source or bank.source or "the bank")
     selected = select_layers(bank.config.layers, options.layers)
 
     m = patcher.clone()

@@ -34,14 +34,14 @@ import comfy.taesd.taesd
 from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper, get_2d_sincos_pos_embed
 from comfy.ldm.pixart.pixartms import PixArtMS
 
+from .bank import init_bank, save_bank
+from .comfy_model import model_spec
+from .tiny_names import TINY_BANKS, TINY_PIXART, TINY_SD35, TINY_VAE4, TINY_VAE16
+
 SD3_CONTEXT_DIM = 4096   # T5-XXL width (CLIP-L/G features are zero-padded to it by ComfyUI)
 SD3_POOLED_DIM = 2048    # CLIP-L + CLIP-G pooled
 PIXART_CONTEXT_DIM = 4096
 
-TINY_SD35 = "edit_tiny_sd35.safetensors"
-TINY_PIXART = "edit_tiny_pixart.safetensors"
-TINY_VAE16 = "edit_tiny_taesd16.safetensors"
-TINY_VAE4 = "edit_tiny_taesd4.safetensors"
 
 
 @torch.no_grad()
@@ -170,8 +170,9 @@ def write_tiny_models(models_dir, seed: int = 0) -> dict:
     """Write the tiny example models under a ComfyUI models folder; returns name -> path.
 
     diffusion_models/: an SD3.5-style MMDiT (depth 2, RMS qk-norm, MMDiT-X layer 0) and a
-    detectable PixArt-Sigma (hidden 1152, depth 1); vae/: 16- and 4-channel TAESD VAEs.
-    Existing files are kept (the models are deterministic for a seed).
+    detectable PixArt-Sigma (hidden 1152, depth 1); vae/: 16- and 4-channel TAESD VAEs;
+    edit/: an untrained EDiT bank for each model. Existing files are kept (all are
+    deterministic for a seed).
     """
     models_dir = Path(models_dir)
     files = {
@@ -184,15 +185,22 @@ def write_tiny_models(models_dir, seed: int = 0) -> dict:
     }
     paths = {}
     for name, (folder, build) in files.items():
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / name
-        if not path.exists():
-            tmp = path.with_name(name + ".tmp")
-            save_file(build(), str(tmp))
-            tmp.replace(path)
-        paths[name] = path
+        paths[name] = _write_once(folder / name, lambda tmp, build=build: save_file(build(), str(tmp)))
+    for model, bank in ((TINY_SD35, TINY_BANKS["sd35"]), (TINY_PIXART, TINY_BANKS["pixart"])):
+        def write_bank(tmp, model=model):
+            patcher = comfy.sd.load_diffusion_model(str(paths[model]))
+            save_bank(init_bank(model_spec(patcher), seed=seed), tmp)
+        paths[bank] = _write_once(models_dir / "edit" / bank, write_bank)
     return paths
 
+
+def _write_once(path: Path, write) -> Path:
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".partial")
+        write(tmp)
+        tmp.replace(path)
+    return path
 
 
 def random_conditioning(text: str, seed: int, tokens: int, context_dim: int, pooled_dim: int):

@@ -88,4 +88,6 @@ class EDiTDistill:
         work_dir = os.path.join(folder_paths.get_output_directory(), "edit_distill")
         result = distill(model, pos, neg, config, work_dir, bank=edit_bank,
                          latents=latent["samples"] if latent is not None else None, on_progress=progress)
-        return (result.bank, to_comfy_image(loss_curve(result)), report_text(result))
+        report = report_text(result)
+        # The report also goes to the UI and the prompt's /history entry.
+        return {"ui": {"text": [report]}, "result": (result.bank, to_comfy_image(loss_curve(result)), report)}

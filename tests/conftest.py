@@ -33,3 +33,22 @@ def fresh_seed(request):
     """Seed torch per test from the run's seed and the test's name: fresh each run, replayable."""
     torch.manual_seed(SEED ^ zlib.crc32(request.node.nodeid.encode()))
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory):
+    """A ComfyUI models folder holding the built-in tiny models (written once per session)."""
+    from edit_core.tiny_models import write_tiny_models
+    models = tmp_path_factory.mktemp("models")
+    write_tiny_models(models)
+    return models
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory, tiny_models_dir):
+    """A real ComfyUI server (its own process) with this pack in custom_nodes/ and the tiny
+    models; one per test session."""
+    from edit_core.host_server import ComfyServer
+    server = ComfyServer(tmp_path_factory.mktemp("comfy_base"), comfyui_dir=COMFYUI_DIR, models=tiny_models_dir)
+    with server:
+        yield server

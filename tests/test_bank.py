@@ -158,7 +158,7 @@ def test_refuses_a_bank_for_another_model_and_patches_nothing(tmp_path, other, e
     save_bank(init_bank(SPEC), path)
     model = other()
     with pytest.raises(EDiTError, match=r"sd35\.safetensors was made for a different model|sd35\.safetensors has layers") as err:
-        apply_edit(model, load_bank(path), source=str(path))
+        apply_edit(model, load_bank(path))
     assert err.match(expected)
     assert model.object_patches == {} and model.additional_models == {}
 

@@ -39,7 +39,8 @@ def report_text(result: DistillResult) -> str:
         + ", ".join(f"{w}x{h}" for w, h in c.resolutions),
         f"teacher data: {c.sampler}/{c.scheduler}, {c.sample_steps} steps, cfg {c.cfg}, seeds {list(c.seeds)}; "
         f"{result.seconds_teacher:.1f} s",
-        f"training: {result.seconds_train:.1f} s, final loss {last.get('loss', float('nan')):.4f}",
+        f"training: {result.seconds_train:.1f} s, final loss {last.get('loss', float('nan')):.4f}"
+        + (f" (resumed from the checkpoint at step {result.resumed_from})" if result.resumed_from else ""),
         "",
         *layer_error_table(result),
     ]

@@ -42,6 +42,7 @@ class DistillResult:
     seconds_teacher: float = 0.0
     seconds_train: float = 0.0
     work_dir: Optional[Path] = None
+    resumed_from: int = 0  # the checkpoint's step when the run resumed one
 
     def summary(self) -> Dict:
         """The training summary stored in the bank file's metadata."""
@@ -198,6 +199,7 @@ def _distill(model, positive, negative, config, work_dir, bank, latents, progres
         train_bank.load_state_dict(state["bank"])
         optimizer.load_state_dict(state["optimizer"])
         step, result.history = state["step"], state["history"]
+        result.resumed_from = step
         result.layer_errors_before, result.seconds_train = state["layer_errors_before"], state["seconds_train"]
     else:
         result.layer_errors_before = layer_errors(loss_fn, eval_refs, device, train_dtype)

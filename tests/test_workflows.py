@@ -1,0 +1,79 @@
+"""The example workflows: UI files and their API twins agree, every node exists, ComfyUI's
+template browser lists them, and every API workflow runs on a real server with the tiny
+models substituted."""
+import asyncio
+import json
+
+import pytest
+
+from conftest import REPO
+from edit_core.batch import Job, run_batch
+from edit_core.workflow import WorkflowError, load_graph, ui_to_api, use_tiny_models, with_settings
+
+UI = sorted((REPO / "workflows").glob("*.json"))
+NAMES = [p.stem for p in UI]
+
+
+def test_every_ui_workflow_has_an_api_twin_and_vice_versa():
+    assert len(NAMES) >= 4
+    assert sorted(p.stem for p in (REPO / "workflows" / "api").glob("*.json")) == NAMES
+
+
+@pytest.fixture(scope="module")
+def object_info(comfy_server):
+    return comfy_server.get("/object_info", timeout=120)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_workflow_matches_its_api_twin_and_uses_existing_nodes(name, object_info):
+    ui = json.loads((REPO / "workflows" / f"{name}.json").read_text())
+    api = load_graph(REPO / "workflows" / "api" / f"{name}.json")
+    assert {n["type"] for n in ui["nodes"]} - {"Note"} <= set(object_info)
+    strip = lambda g: {i: {k: v for k, v in n.items() if k != "_meta"} for i, n in g.items()}  # noqa: E731
+    assert strip(ui_to_api(ui, object_info)) == strip(api)
+    assert any(n["type"] == "Note" for n in ui["nodes"]), "each example explains itself in a Note"
+
+
+def test_template_browser_lists_the_examples(comfy_server):
+    templates = comfy_server.get("/workflow_templates")
+    assert sorted(templates.get("ComfyUI-EDiT", [])) == NAMES
+    for name in NAMES:
+        served = comfy_server.get(f"/api/workflow_templates/ComfyUI-EDiT/{name}.json")
+        assert served == json.loads((REPO / "workflows" / f"{name}.json").read_text())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_api_workflow_runs_on_the_tiny_models(name, comfy_server, tmp_path):
+    graph = use_tiny_models(load_graph(REPO / "workflows" / "api" / f"{name}.json"), size=384, steps=2)
+    [result] = asyncio.run(run_batch(graph, [Job(0, None, None, None, None)], [comfy_server.url], tmp_path, 900,
+                                     warmup=False, log=lambda s: None))
+    assert result.status == "success", result.message
+    assert result.files, "the workflow saved no image"
+
+
+def test_with_settings_sets_every_place_and_refuses_missing_ones():
+    graph = load_graph(REPO / "workflows" / "api" / "sd35_original_vs_edit.json")
+    g = with_settings(graph, prompt="a boat", seed=7, size=(768, 512), edit=False)
+    samplers = [n for n in g.values() if n["class_type"] == "KSampler"]
+    assert len(samplers) == 2 and all(n["inputs"]["seed"] == 7 for n in samplers)
+    assert [n["inputs"]["text"] for i, n in g.items() if n["_meta"]["title"] == "Positive"] == ["a boat"]
+    assert [n["inputs"]["text"] for i, n in g.items() if n["_meta"]["title"] == "Negative"] != ["a boat"]
+    latent = next(n for n in g.values() if n["class_type"] == "EmptySD3LatentImage")["inputs"]
+    assert (latent["width"], latent["height"]) == (768, 512)
+    assert next(n for n in g.values() if n["class_type"] == "ApplyEDiT")["inputs"]["enabled"] is False
+    assert graph != g  # a copy
+    no_edit = {i: n for i, n in graph.items() if n["class_type"] != "ApplyEDiT"}
+    with pytest.raises(WorkflowError, match="no place for the edit"):
+        with_settings(no_edit, edit=True)
+
+
+def test_load_graph_refuses_ui_format_and_foreign_json(tmp_path):
+    with pytest.raises(WorkflowError, match="UI-format"):
+        load_graph(REPO / "workflows" / f"{NAMES[0]}.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"a": 1}')
+    with pytest.raises(WorkflowError, match="API-format"):
+        load_graph(bad)
+    bad.write_text("{")
+    with pytest.raises(WorkflowError, match="bad.json"):
+        load_graph(bad)
