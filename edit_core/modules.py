@@ -127,10 +127,34 @@ class SpatialCompressor(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
         g = tokens_to_grid(x, grid)
-        p = self.kernel_size // 2
-        g = F.pad(g, (p, p, p, p), mode="replicate")
-        g = F.conv2d(g, _cast(self.weight, g), _cast(self.bias, g), stride=2, groups=g.shape[1])
-        return grid_to_tokens(g)
+        w, b = _cast(self.weight, g), _cast(self.bias, g)
+        p, (h, wd) = self.kernel_size // 2, grid
+        edge = (p + 1) // 2  # output rows/columns whose window reaches past the grid's start
+        if min(h, wd) < 4 * p + 2:
+            return grid_to_tokens(F.conv2d(F.pad(g, (p, p, p, p), mode="replicate"), w, b, stride=2, groups=g.shape[1]))
+        # Replicate-padding the whole grid would copy it; instead convolve with the conv's own
+        # zero padding and redo the few border rows/columns from small replicate-padded strips.
+        out = F.conv2d(g, w, b, stride=2, padding=p, groups=g.shape[1])
+        oh, ow = out.shape[-2:]
+        n = 2 * (edge - 1) + p + 1  # input rows feeding the first `edge` output rows
+        strips = {  # (output slice, input strip, its padding (left, right, top, bottom))
+            "top": ((slice(0, edge), slice(None)), g[..., :n, :], (p, p, p, 0)),
+            "left": ((slice(None), slice(0, edge)), g[..., :, :n], (p, 0, p, p)),
+        }
+        last_h, last_w = 2 * (oh - 1), 2 * (ow - 1)  # input centre of the last output row/column
+        tail_h, tail_w = max(0, last_h + p - (h - 1)), max(0, last_w + p - (wd - 1))
+        if tail_h:
+            k = (tail_h + 1) // 2
+            start = 2 * (oh - k) - p
+            strips["bottom"] = ((slice(oh - k, oh), slice(None)), g[..., start:, :], (p, p, 0, tail_h))
+        if tail_w:
+            k = (tail_w + 1) // 2
+            start = 2 * (ow - k) - p
+            strips["right"] = ((slice(None), slice(ow - k, ow)), g[..., :, start:], (0, tail_w, p, p))
+        for (rows, cols), strip, pad in strips.values():
+            fixed = F.conv2d(F.pad(strip, pad, mode="replicate"), w, b, stride=2, groups=g.shape[1])
+            out[..., rows, cols] = fixed
+        return grid_to_tokens(out)
 
 
 class LocalValueConv(nn.Module):

@@ -4,7 +4,8 @@ import time
 
 import torch
 
-from . import BATCHES, FAMILIES, LEVELS, PROMPTS, RESOLUTIONS, run_benchmark, table, target_checks
+from . import BATCHES, FAMILIES, LEVELS, PROMPTS, RESOLUTIONS, default_device, run_benchmark, table, target_checks
+from .report import merge
 from .backends import SDPA_NAME
 
 QUICK = dict(levels=["block"], resolutions=[512, 1024], batches=[1], prompts=[154], repeats=3, budget=20.0)
@@ -30,6 +31,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--tiny", action="store_true", help="tiny widths: a smoke test of the machinery, not a benchmark")
     p.add_argument("--out", default="results", help="folder for results.md, results.json and the PNG plots")
+    p.add_argument("--merge", nargs="+", metavar="FOLDER", help="measure nothing: merge the results of earlier runs "
+                                                               "into one report in --out")
     p.add_argument("--quick", action="store_true", help="block level, 512 and 1024 px, batch 1, 154 tokens, "
                                                         "3 repeats, 20 s budget (explicit options still win)")
     args = p.parse_args(argv)
@@ -38,6 +41,10 @@ def main(argv=None):
         for k, v in QUICK.items():
             if k not in given:
                 setattr(args, k, v)
+    if args.merge:
+        paths = merge(args.merge, args.out, args.device or str(default_device()))
+        print(paths["table"].read_text())
+        return
     print(f"attention: {SDPA_NAME} for baseline and EDiT's softmax parts")
     t0 = time.time()
     rows, paths = run_benchmark(args.levels, args.families, args.resolutions, args.batches, args.prompts, args.repeats,

@@ -201,3 +201,22 @@ def write(rows: Sequence[Row], folder, settings: Dict, device: str) -> Dict[str,
     for p in plots(rows, folder, device):
         paths[p.stem] = p
     return paths
+
+
+def read_rows(folder) -> tuple:
+    """(rows, settings, machine) of a results.json written by ``write``."""
+    data = json.loads((Path(folder) / "results.json").read_text())
+    return [Row(**r) for r in data["rows"]], data["settings"], data["machine"]
+
+
+def merge(folders: Sequence, out, device: str) -> Dict[str, Path]:
+    """One report from several runs (a grid measured piece by piece); each run's settings
+    are kept, keyed by its folder."""
+    rows, settings = [], {}
+    for folder in folders:
+        r, s, _ = read_rows(folder)
+        rows += r
+        settings[Path(folder).name] = ", ".join(f"{k} {v}" for k, v in s.items())
+    order = {lv: i for i, lv in enumerate(("attention", "block", "model"))}
+    rows.sort(key=lambda r: (order.get(r.level, 9), r.family, r.batch, r.prompt, r.px))
+    return write(rows, out, settings, device)
