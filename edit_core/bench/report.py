@@ -211,12 +211,13 @@ def read_rows(folder) -> tuple:
 
 def merge(folders: Sequence, out, device: str) -> Dict[str, Path]:
     """One report from several runs (a grid measured piece by piece); each run's settings
-    are kept, keyed by its folder."""
-    rows, settings = [], {}
+    are kept, keyed by its folder. A point measured in several runs keeps the last run's row."""
+    by_point, settings = {}, {}
     for folder in folders:
         r, s, _ = read_rows(folder)
-        rows += r
+        by_point.update({(x.level, x.family, x.px, x.batch, x.prompt): x for x in r})
         settings[Path(folder).name] = ", ".join(f"{k} {v}" for k, v in s.items())
+    rows = list(by_point.values())
     order = {lv: i for i, lv in enumerate(("attention", "block", "model"))}
     rows.sort(key=lambda r: (order.get(r.level, 9), r.family, r.batch, r.prompt, r.px))
     return write(rows, out, settings, device)
