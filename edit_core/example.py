@@ -44,19 +44,22 @@ def main(argv=None):
     p.add_argument("--models", default=os.environ.get("EDIT_MODELS_DIR"),
                    help="your ComfyUI models folder (default $EDIT_MODELS_DIR; unset: the built-in tiny models)")
     p.add_argument("--family", choices=sorted(WORKFLOWS), default="sd35")
+    p.add_argument("--workflow", help="your own API-format workflow instead of the family's example "
+                                      "(with Apply EDiT in it for the on/off comparison)")
     p.add_argument("--sizes", nargs="+", type=parse_size, default=None,
                    help="default: 512 1024 on the tiny models, 1024 2048 on real ones")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--out", default=None, help="folder for the server, images and results (default: a temporary one)")
     args = p.parse_args(argv)
 
-    graph = load_graph(WORKFLOWS[args.family])
+    workflow = Path(args.workflow) if args.workflow else WORKFLOWS[args.family]
+    graph = load_graph(workflow)
     base = Path(args.out or tempfile.mkdtemp(prefix="edit_example_")).resolve()
     if args.models:
         missing = [f"{folder}/{name}" for folder, name in needed_files(graph)
                    if not (Path(args.models) / folder / name).is_file()]
         if missing:
-            p.error(f"{args.models} lacks what {WORKFLOWS[args.family].name} loads: {', '.join(missing)} "
+            p.error(f"{args.models} lacks what {workflow.name} loads: {', '.join(missing)} "
                     "(make the EDiT bank with workflows/sd35_distill_edit.json or python -m edit_core.distill)")
         sizes = args.sizes or [parse_size("1024"), parse_size("2048")]
         print(f"models: {args.models}")
@@ -65,13 +68,13 @@ def main(argv=None):
         setup_comfy()
         from .tiny_models import write_tiny_models
         write_tiny_models(base / "models")
-        graph = use_tiny_models(graph, family=args.family)
+        graph = use_tiny_models(graph)
         sizes = args.sizes or [parse_size("512"), parse_size("1024")]
         print("No real checkpoint configured (EDIT_MODELS_DIR unset): running on the built-in TINY random models. "
               "Their images are noise and their timings only show the machinery working; point EDIT_MODELS_DIR "
               "at your ComfyUI models folder for real SD3.5 Medium / PixArt-Sigma numbers.")
     jobs = make_jobs(PROMPTS, args.seeds, sizes, ab=True)
-    print(f"{WORKFLOWS[args.family].name}: {len(jobs)} runs (EDiT on and off); server and outputs in {base}")
+    print(f"{workflow.name}: {len(jobs)} runs (EDiT on and off); server and outputs in {base}")
     with ComfyServer(base, models=args.models) as server:
         print(f"ComfyUI at {server.url} (log {server.log_path})")
         results = asyncio.run(run_batch(graph, jobs, [server.url], base / "batch"))
