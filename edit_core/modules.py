@@ -137,21 +137,21 @@ class SpatialCompressor(nn.Module):
         out = F.conv2d(g, w, b, stride=2, padding=p, groups=g.shape[1])
         oh, ow = out.shape[-2:]
         n = 2 * (edge - 1) + p + 1  # input rows feeding the first `edge` output rows
-        strips = {  # (output slice, input strip, its padding (left, right, top, bottom))
-            "top": ((slice(0, edge), slice(None)), g[..., :n, :], (p, p, p, 0)),
-            "left": ((slice(None), slice(0, edge)), g[..., :, :n], (p, 0, p, p)),
-        }
+        strips = [  # (output slice, input strip, its padding (left, right, top, bottom)): top, left
+            ((slice(0, edge), slice(None)), g[..., :n, :], (p, p, p, 0)),
+            ((slice(None), slice(0, edge)), g[..., :, :n], (p, 0, p, p)),
+        ]
         last_h, last_w = 2 * (oh - 1), 2 * (ow - 1)  # input centre of the last output row/column
         tail_h, tail_w = max(0, last_h + p - (h - 1)), max(0, last_w + p - (wd - 1))
         if tail_h:
             k = (tail_h + 1) // 2
             start = 2 * (oh - k) - p
-            strips["bottom"] = ((slice(oh - k, oh), slice(None)), g[..., start:, :], (p, p, 0, tail_h))
+            strips.append(((slice(oh - k, oh), slice(None)), g[..., start:, :], (p, p, 0, tail_h)))  # bottom
         if tail_w:
             k = (tail_w + 1) // 2
             start = 2 * (ow - k) - p
-            strips["right"] = ((slice(None), slice(ow - k, ow)), g[..., :, start:], (0, tail_w, p, p))
-        for (rows, cols), strip, pad in strips.values():
+            strips.append(((slice(None), slice(ow - k, ow)), g[..., :, start:], (0, tail_w, p, p)))  # right
+        for (rows, cols), strip, pad in strips:
             fixed = F.conv2d(F.pad(strip, pad, mode="replicate"), w, b, stride=2, groups=g.shape[1])
             out[..., rows, cols] = fixed
         return grid_to_tokens(out)

@@ -168,9 +168,8 @@ def _inputs(spec: dict) -> List[tuple]:
     return out
 
 
-def _is_widget(kind, options) -> bool:
-    return isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO") or \
-        (isinstance(options, dict) and "options" in options and kind == "COMBO")
+def _is_widget(kind) -> bool:
+    return isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 
 
 def _has_control(kind, options) -> bool:
@@ -208,7 +207,7 @@ def api_to_ui(graph: Graph, object_info: dict, notes: Iterable[str] = ()) -> dic
                 out_links[(value[0], value[1])].append(len(links))
                 inputs.append({"name": name, "type": kind if isinstance(kind, str) else "COMBO",
                                "link": len(links)})
-            elif _is_widget(kind, options):
+            elif _is_widget(kind):
                 if value is None:
                     value = options.get("default", kind[0] if isinstance(kind, list) and kind else None)
                 widgets.append(value)
@@ -259,7 +258,7 @@ def ui_to_api(ui: dict, object_info: dict) -> Graph:
             if linked.get(name) is not None:
                 link = links[linked[name]]
                 inputs[name] = [str(link[1]), link[2]]
-            if _is_widget(kind, options) and name not in linked:
+            if _is_widget(kind) and name not in linked:
                 if not widgets:
                     raise WorkflowError(f"node {n['id']} ({n['type']}): no widget value for {name!r}")
                 inputs[name] = widgets.pop(0)
