@@ -301,6 +301,18 @@ def apply_edit(patcher, bank: EDiTBank, options: EditOptions = EditOptions(), so
     return m
 
 
+def call_model(patcher, x, t, conds: Dict, mode: str, capture: Optional[CaptureSink] = None):
+    """One call of a loaded EDiT-patched model outside a sampler (distillation, tests): the
+    denoised prediction for latent ``x`` at sigma ``t`` with ``conds`` (c_crossattn, y, ...),
+    EDiT forced to ``mode`` (TEACHER or STUDENT) and, optionally, a capture sink. The
+    patcher's wrappers and transformer_options take part as they do inside a sampler."""
+    import comfy.patcher_extension
+    to = comfy.patcher_extension.copy_nested_dicts(patcher.model_options.get("transformer_options", {}))
+    comfy.patcher_extension.merge_nested_dicts(to.setdefault("wrappers", {}), patcher.wrappers, copy_dict1=False)
+    to.update(edit_mode=mode, edit_capture=capture)
+    return patcher.model.apply_model(x, t, transformer_options=to, **conds)
+
+
 def edit_bank_of(patcher) -> Optional[EDiTBank]:
     """The bank an EDiT-patched model carries, or None."""
     models = patcher.get_additional_models_with_key(BANK_KEY)

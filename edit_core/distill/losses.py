@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..bank import EDiTBank, layer_kind
 from ..comfy_model import diffusion_model
-from ..patcher import STUDENT, layer_inputs
+from ..patcher import STUDENT, call_model, layer_inputs
 from .cache import Sample
 
 
@@ -79,8 +79,7 @@ class StudentLoss(nn.Module):
 
     def run_student(self, x, t, conds, sink=None):
         with FreshInferenceTensors():
-            return self.student.model.apply_model(x, t, **conds,
-                                                  transformer_options={"edit_mode": STUDENT, "edit_capture": sink})
+            return call_model(self.student, x, t, conds, STUDENT, sink)
 
     def end_to_end(self, sample: Sample, task=None):
         outputs = {}
