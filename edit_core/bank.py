@@ -9,6 +9,7 @@ match it exactly, naming the file, what was expected and what was found.
 """
 import json
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, Iterable, Optional, Sequence, Tuple
@@ -23,6 +24,19 @@ from .modules import DEFAULT_REDUCTION, EDiTAttention, HybridEDiTAttention
 FORMAT_NAME = "comfyui-edit/bank"
 FORMAT_VERSION = 1
 FAMILIES = ("sd3", "pixart")
+# What a bank's metadata may claim. Generous for the families' real models (SD3.5 Large:
+# depth 38, hidden 2432; PixArt-Sigma: depth 28, hidden 1152); the tensor shapes in the file's
+# header must then match the claim exactly, so a small file cannot claim a big model.
+MAX_DEPTH = 64
+MAX_HEADS = 256
+MAX_HIDDEN = 16384
+MAX_KERNEL = 15
+LAYER_PATTERNS = {"sd3": r"joint_blocks\.(0|[1-9][0-9]{0,2})\.attn2?", "pixart": r"blocks\.(0|[1-9][0-9]{0,2})\.attn"}
+LAYER_EXAMPLES = {"sd3": "'joint_blocks.0.attn' or 'joint_blocks.0.attn2'", "pixart": "'blocks.0.attn'"}
+HPARAMS = {"reduction", "cf_kernel", "sc_kernel", "local_kernel", "eta_mode"}
+ETA_MODES = ("learned", "ratio")
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+REMAKE = "Use another bank, or make this one again with EDiT Distill and Save EDiT."
 
 
 class EDiTError(ValueError):
@@ -144,6 +158,31 @@ def check_bank_fits(config: BankConfig, spec: ModelSpec, source: str = "the bank
                         f"(model: {spec.describe()}, layers {', '.join(spec.layers)})")
 
 
+BANK_NAME_FORBIDDEN = set('/\\:*?"<>|')  # folders, and characters Windows refuses in names
+MAX_BANK_NAME_BYTES = 200  # leaves room for '_00001.safetensors.tmp' under the usual 255-byte limit
+
+
+def bank_file_stem(filename: str) -> str:
+    """The file name (without '.safetensors') Save EDiT writes for ``filename``: a plain name
+    in models/edit. Anything else is an EDiTError, raised before anything is written."""
+    stem = (filename or "").strip()
+    stem = stem[:-len(".safetensors")] if stem.endswith(".safetensors") else stem
+    if not stem:
+        return "edit_bank"
+    bad = sorted({c for c in stem if c in BANK_NAME_FORBIDDEN or ord(c) < 32 or ord(c) == 127})
+    if bad:
+        raise EDiTError(f"Save EDiT: the file name {filename!r} contains {' '.join(repr(c) for c in bad)}; "
+                        "give a plain file name (no folders or control characters): the bank is saved in models/edit")
+    if stem.startswith("."):
+        raise EDiTError(f"Save EDiT: the file name {filename!r} starts with a dot (a hidden file, which EDiT Loader "
+                        "does not list); give a name that starts with a letter or digit")
+    size = len(stem.encode("utf-8"))
+    if size > MAX_BANK_NAME_BYTES:
+        raise EDiTError(f"Save EDiT: the file name {stem[:40]!r}... is {size} bytes long; give a name of at most "
+                        f"{MAX_BANK_NAME_BYTES} bytes (characters outside ASCII take 2-4 bytes)")
+    return stem
+
+
 def save_bank(bank: EDiTBank, path, training: Optional[Dict] = None):
     """Write the bank atomically (a temporary file renamed into place): an interrupted save
     never leaves a truncated file under the final name."""
@@ -166,88 +205,182 @@ def save_bank(bank: EDiTBank, path, training: Optional[Dict] = None):
     bank.config = config
 
 
+def _refusal(path, field: str, expected: str, found) -> EDiTError:
+    return EDiTError(f"{path}: bank metadata field {field!r} must be {expected}, found {found!r}. The file is damaged "
+                     f"or was not written by ComfyUI-EDiT. {REMAKE}")
+
+
+def _int_field(meta: Dict[str, str], path, field: str, low: int, high: int) -> int:
+    """A metadata number: plain ASCII digits (int() would also take '１', '1_0' and ' 1')."""
+    text = meta.get(field)
+    if not isinstance(text, str) or not re.fullmatch(r"[0-9]{1,9}", text) or not low <= int(text) <= high:
+        raise _refusal(path, field, f"a whole number from {low} to {high}", text)
+    return int(text)
+
+
+def _json_field(meta: Dict[str, str], path, field: str, kind: type, default=None):
+    """A metadata field holding JSON of one type (list or dict); ``default`` when absent."""
+    text = meta.get(field)
+    if text is None and default is not None:
+        return default
+    try:
+        value = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        value = None
+    if not isinstance(value, kind):
+        raise _refusal(path, field, "a JSON " + ("object" if kind is dict else "list"), text)
+    return value
+
+
+def _hparam(hp: dict, path, key: str, expected: str, ok) -> int:
+    value = hp.get(key)
+    if type(value) is not int or not ok(value):  # type(): a JSON true is not a number here
+        raise _refusal(path, f"hparams.{key}", expected, value)
+    return value
+
+
+def _odd_kernel(size: int) -> bool:
+    return 1 <= size <= MAX_KERNEL and size % 2 == 1
+
+
 def _config_from_metadata(meta: Dict[str, str], path) -> BankConfig:
+    """The bank's config from its metadata, every field checked for type, range and
+    consistency (no tensor or module is made here)."""
     if meta.get("format") != FORMAT_NAME:
         raise EDiTError(f"{path} is not an EDiT bank: its metadata has format {meta.get('format')!r}, "
                         f"expected {FORMAT_NAME!r} (is it a model or LoRA file?)")
-    try:
-        version = int(meta["format_version"])
-    except (KeyError, ValueError):
-        raise EDiTError(f"{path}: format_version {meta.get('format_version')!r} is not a number")
-    if version > FORMAT_VERSION:
-        raise EDiTError(f"{path} is EDiT bank format version {version}; this ComfyUI-EDiT reads versions "
+    text = meta.get("format_version")
+    if not isinstance(text, str) or not re.fullmatch(r"[0-9]{1,9}", text):
+        raise _refusal(path, "format_version", "a whole number", text)
+    if int(text) > FORMAT_VERSION:
+        raise EDiTError(f"{path} is EDiT bank format version {text}; this ComfyUI-EDiT reads versions "
                         f"up to {FORMAT_VERSION}: update ComfyUI-EDiT")
-    try:
-        hp = json.loads(meta["hparams"])
-        config = BankConfig(meta["family"], int(meta["hidden_size"]), int(meta["heads"]), int(meta["depth"]),
-                            tuple(json.loads(meta["layers"])), reduction=int(hp["reduction"]),
-                            cf_kernel=int(hp["cf_kernel"]), sc_kernel=int(hp["sc_kernel"]),
-                            local_kernel=int(hp["local_kernel"]), eta_mode=hp["eta_mode"],
-                            training=json.loads(meta.get("training") or "{}"))
-    except (KeyError, ValueError, TypeError) as e:
-        raise EDiTError(f"{path}: EDiT bank metadata is incomplete or malformed ({type(e).__name__}: {e})")
-    if config.family not in FAMILIES:
-        raise EDiTError(f"{path}: unknown model family {config.family!r}, expected one of {FAMILIES}")
-    return config
+    family = meta.get("family")
+    if family not in FAMILIES:
+        raise _refusal(path, "family", f"one of {', '.join(FAMILIES)}", family)
+    hidden = _int_field(meta, path, "hidden_size", 1, MAX_HIDDEN)
+    heads = _int_field(meta, path, "heads", 1, MAX_HEADS)
+    depth = _int_field(meta, path, "depth", 1, MAX_DEPTH)
+    if hidden % heads:
+        raise _refusal(path, "hidden_size", f"heads ({heads}) x head width, a multiple of {heads}", str(hidden))
+    layers = _json_field(meta, path, "layers", list)
+    pattern = LAYER_PATTERNS[family]
+    for name in layers:
+        match = re.fullmatch(pattern, name) if isinstance(name, str) else None
+        if not match or int(match.group(1)) >= depth:
+            raise _refusal(path, "layers", f"a list of {family} attention layer names like "
+                           f"{LAYER_EXAMPLES[family]} with block indices below depth {depth}", name)
+    if not layers or len(set(layers)) != len(layers):
+        raise _refusal(path, "layers", "a non-empty list of distinct layer names", meta["layers"])
+    hp = _json_field(meta, path, "hparams", dict)
+    unknown = sorted(set(hp) - HPARAMS)
+    if unknown:
+        raise _refusal(path, "hparams", f"an object with the keys {', '.join(sorted(HPARAMS))}", unknown)
+    if hp.get("eta_mode") not in ETA_MODES:
+        raise _refusal(path, "hparams.eta_mode", f"one of {', '.join(ETA_MODES)}", hp.get("eta_mode"))
+    kernel = f"an odd whole number from 1 to {MAX_KERNEL}"
+    return BankConfig(
+        family, hidden, heads, depth, tuple(layers),
+        reduction=_hparam(hp, path, "reduction", f"a whole number from 1 to hidden_size ({hidden})",
+                          lambda r: 1 <= r <= hidden),
+        cf_kernel=_hparam(hp, path, "cf_kernel", kernel, _odd_kernel),
+        sc_kernel=_hparam(hp, path, "sc_kernel", kernel, _odd_kernel),
+        local_kernel=_hparam(hp, path, "local_kernel", kernel + " or 0 (no local branch)",
+                             lambda k: k == 0 or _odd_kernel(k)),
+        eta_mode=hp["eta_mode"], training=_json_field(meta, path, "training", dict, default={}))
+
+
+def expected_shapes(config: BankConfig) -> Dict[str, Tuple[int, ...]]:
+    """The tensor names and shapes of a bank with this config, from the modules themselves
+    built on the meta device (no memory behind them), one per kind of layer: every layer of
+    a kind has the same parameters."""
+    params = {}  # kind -> {parameter: shape}
+    with torch.device("meta"):
+        for name in config.layers:
+            kind = layer_kind(config.family, name)
+            if kind not in params:
+                sample = EDiTBank(replace(config, layers=(name,)))
+                params[kind] = {k[len(name) + 1:]: tuple(v.shape) for k, v in sample.tensors().items()}
+    return {f"{name}.{p}": shape for name in config.layers
+            for p, shape in params[layer_kind(config.family, name)].items()}
 
 
 def load_bank(path) -> EDiTBank:
-    """Read and fully validate a bank file; return the bank or raise EDiTError. Nothing is
-    returned half-loaded: every tensor is checked before the bank is handed out."""
+    """Read and fully validate a bank file; return the bank or raise EDiTError.
+
+    The metadata and the tensor names, shapes and dtypes in the file's header are checked
+    before any tensor is read or any real module is built, so a file that claims a huge
+    model is refused without allocating it. Nothing is returned half-loaded."""
     path = Path(path)
     if not path.is_file():
         raise EDiTError(f"EDiT bank file not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            config = _config_from_metadata(meta, path)
+            config = _config_from_metadata(f.metadata() or {}, path)
+            header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+            expected = expected_shapes(config)
+            missing = sorted(set(expected) - set(header))
+            unexpected = sorted(set(header) - set(expected))
+            if missing or unexpected:
+                raise EDiTError(f"{path} does not match its own config ({config.describe()}): "
+                                f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
+                                f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}. "
+                                f"{REMAKE}")
+            wrong = [f"{k}: expected {shape}, found {header[k][0]}" for k, shape in expected.items()
+                     if header[k][0] != shape]
+            if wrong:
+                raise EDiTError(f"{path} has tensors of the wrong shape for {config.describe()}: "
+                                + "; ".join(wrong[:8]) + f". {REMAKE}")
+            not_float = [f"{k} ({dtype})" for k, (_, dtype) in header.items() if dtype not in FLOAT_DTYPES]
+            if not_float:
+                raise EDiTError(f"{path}: tensors {', '.join(not_float[:8])} are not floating point "
+                                f"(expected {', '.join(FLOAT_DTYPES)}). {REMAKE}")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except SafetensorError as e:
         raise EDiTError(f"{path} is not a readable safetensors file (truncated or another format?): {e}")
-    bank = EDiTBank(config)
-    expected = bank.tensors()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise EDiTError(f"{path} does not match its own config ({config.describe()}): "
-                        f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
-                        f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-    wrong = [f"{k}: expected {tuple(v.shape)}, found {tuple(tensors[k].shape)}"
-             for k, v in expected.items() if tuple(tensors[k].shape) != tuple(v.shape)]
-    if wrong:
-        raise EDiTError(f"{path} has tensors of the wrong shape for {config.describe()}: " + "; ".join(wrong[:8]))
     bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if bad:
-        raise EDiTError(f"{path} has non-finite values in {', '.join(bad[:8])}")
-    bank.layers.load_state_dict({k: v for k, v in tensors.items()})
+        raise EDiTError(f"{path} has non-finite values in {', '.join(bad[:8])}. {REMAKE}")
+    bank = EDiTBank(config)
+    bank.layers.load_state_dict(tensors)
     bank.source = str(path)
     return bank
 
 
-def select_layers(config_layers: Sequence[str], selection: str) -> Tuple[str, ...]:
-    """Parse a layer selection: 'all', or comma-separated block indices and ranges
-    ('0-12, 20'), optionally restricted to a kind with a suffix ('0-12:attn2').
+LAYER_SELECTION_SYNTAX = ("'all' (or blank), or comma-separated block indices and ranges such as '0-12, 20', each "
+                          "optionally limited to one kind of layer with ':attn' or ':attn2' (e.g. '0-12:attn2')")
+_SELECTION_ITEM = re.compile(r"([0-9]+)(?: *- *([0-9]+))?(?::(attn2?))?")  # ASCII digits only
 
-    Returns the bank layers selected, in bank order.
-    """
-    selection = (selection or "all").strip()
-    if selection == "all":
+
+def parse_layer_selection(selection: str) -> Optional[Tuple[Tuple[int, int, str], ...]]:
+    """The (first block, last block, kind or '') items of a layer selection; None for all
+    layers ('all', '' and spaces alike). Anything else is an EDiTError showing the syntax."""
+    text = (selection or "").strip()
+    if text.lower() in ("", "all"):
+        return None
+    items = []
+    for part in text.split(","):
+        match = _SELECTION_ITEM.fullmatch(part.strip())
+        if not match:
+            what = "an empty item" if not part.strip() else f"{part.strip()!r}"
+            raise EDiTError(f"layer selection {selection!r}: {what} is not a block index or range; "
+                            f"write {LAYER_SELECTION_SYNTAX}")
+        first, last = int(match[1]), int(match[2] or match[1])
+        if last < first:
+            raise EDiTError(f"layer selection {selection!r}: the range {part.strip()!r} runs backwards; "
+                            f"write it low-high ('{last}-{first}')")
+        items.append((first, last, match[3] or ""))
+    return tuple(items)
+
+
+def select_layers(config_layers: Sequence[str], selection: str) -> Tuple[str, ...]:
+    """The bank layers a selection (see ``parse_layer_selection``) picks, in bank order."""
+    items = parse_layer_selection(selection)
+    if items is None:
         return tuple(config_layers)
-    chosen = set()
-    for part in selection.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        span, _, attn = part.partition(":")
-        try:
-            lo, _, hi = span.partition("-")
-            lo, hi = int(lo), int(hi or lo)
-        except ValueError:
-            raise EDiTError(f"layer selection {selection!r}: {part!r} is not a block index or range like '0-12'")
-        for name in config_layers:
-            block = int(name.split(".")[1])
-            if lo <= block <= hi and (not attn or name.endswith("." + attn)):
-                chosen.add(name)
+    chosen = [name for name in config_layers
+              if any(first <= int(name.split(".")[1]) <= last and (not kind or name.endswith("." + kind))
+                     for first, last, kind in items)]
     if not chosen:
         raise EDiTError(f"layer selection {selection!r} selects none of the bank's layers ({', '.join(config_layers)})")
-    return tuple(n for n in config_layers if n in chosen)
+    return tuple(chosen)

@@ -1,6 +1,6 @@
 """Apply an EDiT bank to a model."""
 from ..edit_core.patcher import EditOptions, apply_edit
-from .bank_nodes import BANK
+from .bank_nodes import BANK, check_layer_selection
 
 
 class ApplyEDiT:
@@ -19,8 +19,8 @@ class ApplyEDiT:
             "enabled": ("BOOLEAN", {"default": True, "tooltip":
                                     "Off: the model computes exactly the original (handy for A/B runs)."}),
             "layers": ("STRING", {"default": "all", "tooltip":
-                                  "Which of the bank's layers to use: 'all', or block indices/ranges such as "
-                                  "'0-12' or '4-23:attn'."}),
+                                  "Which of the bank's layers to use: 'all' (or blank), or block indices/ranges "
+                                  "such as '0-12' or '4-23:attn'."}),
             "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip":
                                         "EDiT runs from this point of sampling (0 = first step)..."}),
             "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip":
@@ -29,6 +29,10 @@ class ApplyEDiT:
                                    "Below this many image tokens the original attention runs. Tokens = "
                                    "(width/16) x (height/16): 4096 at 1024x1024."}),
         }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, layers):
+        return check_layer_selection(layers)
 
     def apply(self, model, edit_bank, enabled, layers, start_percent, end_percent, min_tokens):
         options = EditOptions(enabled, layers, start_percent, end_percent, min_tokens)

@@ -3,11 +3,22 @@ import os
 
 import folder_paths
 
-from ..edit_core.bank import init_bank, load_bank, save_bank, select_layers
+from ..edit_core.bank import (EDiTError, bank_file_stem, init_bank, load_bank, parse_layer_selection, save_bank,
+                               select_layers)
 from ..edit_core.comfy_model import model_spec
 from .folders import EDIT_FOLDER, edit_folder
 
 BANK = "EDIT_BANK"
+
+
+def check_layer_selection(layers):
+    """VALIDATE_INPUTS for a layer selection: True, or the message that rejects the prompt
+    before anything runs (the layers themselves are checked against the bank or model later)."""
+    try:
+        parse_layer_selection(layers)
+    except EDiTError as e:
+        return str(e)
+    return True
 
 
 class EDiTLoader:
@@ -39,8 +50,8 @@ class EDiTInitFromModel:
         return {"required": {
             "model": ("MODEL", {"tooltip": "An SD3/SD3.5 or PixArt-Sigma model."}),
             "layers": ("STRING", {"default": "all", "tooltip":
-                                  "Which attention layers to convert: 'all', or block indices/ranges such as "
-                                  "'0-12' or '0-12:attn2' (SD3.5 MMDiT-X image attention only)."}),
+                                  "Which attention layers to convert: 'all' (or blank), or block indices/ranges "
+                                  "such as '0-12' or '0-12:attn2' (SD3.5 MMDiT-X image attention only)."}),
             "reduction": ("INT", {"default": 32, "min": 1, "max": 1024, "tooltip":
                                   "ConvFusion channel reduction r (hidden channels = width / r). 32 keeps the "
                                   "branch under 4% of a block's dense compute."}),
@@ -49,6 +60,10 @@ class EDiTInitFromModel:
                                                 "offset ('learned') or fixed ('ratio')."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF}),
         }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, layers):
+        return check_layer_selection(layers)
 
     def init(self, model, layers, reduction, eta_mode, seed):
         spec = model_spec(model)
@@ -73,10 +88,9 @@ class SaveEDiT:
         }}
 
     def save(self, edit_bank, filename, overwrite):
+        stem = bank_file_stem(filename)
         folder = edit_folder()
         os.makedirs(folder, exist_ok=True)
-        stem = os.path.basename(filename.strip()) or "edit_bank"
-        stem = stem[:-len(".safetensors")] if stem.endswith(".safetensors") else stem
         path = os.path.join(folder, stem + ".safetensors")
         n = 1
         while os.path.exists(path) and not overwrite:

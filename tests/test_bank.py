@@ -1,5 +1,6 @@
 """The EDiT bank and its safetensors file: round trip, and every way a file can be wrong."""
 import json
+import re
 
 import pytest
 import torch
@@ -139,7 +140,65 @@ def test_refuses_a_newer_format_version(saved):
 def test_refuses_malformed_metadata(saved):
     _, meta = read(saved)
     rewrite(saved, metadata={**meta, "hparams": "{not json"})
-    with pytest.raises(EDiTError, match="metadata is incomplete or malformed"):
+    with pytest.raises(EDiTError, match=r"good\.safetensors: bank metadata field 'hparams' must be a JSON object, "
+                                        r"found '\{not json'.*make this one again"):
+        load_bank(saved)
+
+
+def edit_hparams(meta, **changes):
+    return {**meta, "hparams": json.dumps({**json.loads(meta["hparams"]), **changes})}
+
+
+# Issue 10, point 6: each bad metadata value is refused naming the file, the field, what was
+# expected and what was found, and saying what to do.
+@pytest.mark.parametrize("change,message", [
+    (lambda m: {**m, "heads": "-2"}, "field 'heads' must be a whole number from 1 to 256, found '-2'"),
+    (lambda m: edit_hparams(m, reduction=0), "field 'hparams.reduction' must be a whole number from 1 to "
+                                             r"hidden_size \(128\), found 0"),
+    (lambda m: edit_hparams(m, sc_kernel=2), "field 'hparams.sc_kernel' must be an odd whole number from 1 to 15, "
+                                             "found 2"),
+    (lambda m: {**m, "layers": json.dumps(["joint_blocks.0.attn", ""])},
+     "field 'layers' must be a list of sd3 attention layer names like 'joint_blocks.0.attn' or "
+     "'joint_blocks.0.attn2' with block indices below depth 2, found ''"),
+    (lambda m: {**m, "layers": json.dumps("joint_blocks.0.attn")},
+     "field 'layers' must be a JSON list, found '\"joint_blocks.0.attn\"'"),
+    (lambda m: edit_hparams(m, reduction="32"), "field 'hparams.reduction' must be a whole number .*, found '32'"),
+    (lambda m: edit_hparams(m, cf_kernel=True), "field 'hparams.cf_kernel' must be an odd whole number .*, found True"),
+    (lambda m: edit_hparams(m, eta_mode=None), "field 'hparams.eta_mode' must be one of learned, ratio, found None"),
+    (lambda m: {**m, "training": "[1, 2]"}, r"field 'training' must be a JSON object, found '\[1, 2\]'"),
+    (lambda m: {**m, "hidden_size": "１２８"}, "field 'hidden_size' must be a whole number from 1 to 16384, "
+                                             "found '１２８'"),
+    (lambda m: {k: v for k, v in m.items() if k != "depth"}, "field 'depth' must be a whole number from 1 to 64, "
+                                                              "found None"),
+    (lambda m: {**m, "heads": "3"}, r"field 'hidden_size' must be heads \(3\) x head width, a multiple of 3, "
+                                    "found '128'"),
+    (lambda m: {**m, "layers": json.dumps(["joint_blocks.0.attn", "joint_blocks.0.attn"])},
+     "field 'layers' must be a non-empty list of distinct layer names"),
+    (lambda m: {**m, "layers": json.dumps(["blocks.0.attn"])}, "field 'layers' must be a list of sd3 attention "
+                                                               "layer names.*found 'blocks.0.attn'"),
+    (lambda m: {**m, "family": "flux"}, "field 'family' must be one of sd3, pixart, found 'flux'"),
+    (lambda m: edit_hparams(m, extra=1), "field 'hparams' must be an object with the keys cf_kernel, eta_mode, "
+                                         r"local_kernel, reduction, sc_kernel, found \['extra'\]"),
+], ids=["heads=-2", "reduction=0", "sc_kernel=2", "empty-layer-name", "layers-not-a-list", "reduction-a-string",
+        "kernel-a-bool", "eta_mode-null", "training-a-list", "full-width-digits", "no-depth", "heads-not-dividing",
+        "duplicate-layers", "layer-of-another-family", "unknown-family", "unknown-hparam"])
+def test_refuses_bad_metadata_values_naming_file_field_expected_and_found(saved, change, message):
+    _, meta = read(saved)
+    rewrite(saved, metadata=change(meta))
+    with pytest.raises(EDiTError) as err:
+        load_bank(saved)
+    text = str(err.value)
+    assert text.startswith(f"{saved}: bank metadata field "), text
+    assert re.search(message, text), text
+    assert text.endswith("The file is damaged or was not written by ComfyUI-EDiT. Use another bank, or make this one "
+                         "again with EDiT Distill and Save EDiT."), text
+
+
+def test_refuses_tensors_that_are_not_floating_point(saved):
+    t, _ = read(saved)
+    t["joint_blocks.1.attn.eta_offset"] = torch.zeros(2, dtype=torch.int32)
+    rewrite(saved, tensors=t)
+    with pytest.raises(EDiTError, match=r"tensors joint_blocks\.1\.attn\.eta_offset \(I32\) are not floating point"):
         load_bank(saved)
 
 
@@ -169,10 +228,39 @@ def test_select_layers():
     assert select_layers(layers, "0") == ("joint_blocks.0.attn", "joint_blocks.0.attn2")
     assert select_layers(layers, "0-1:attn") == ("joint_blocks.0.attn", "joint_blocks.1.attn")
     assert select_layers(layers, " 1, 0:attn2 ") == ("joint_blocks.0.attn2", "joint_blocks.1.attn")
+    assert select_layers(layers, "0 - 1:attn2") == ("joint_blocks.0.attn2",)
     with pytest.raises(EDiTError, match="'x-2' is not a block index"):
         select_layers(layers, "x-2")
     with pytest.raises(EDiTError, match="selects none"):
         select_layers(layers, "4-9")
+
+
+@pytest.mark.parametrize("blank", ["", "   ", "\t", "all", " ALL "])
+def test_blank_selection_means_all_layers(blank):
+    assert select_layers(SPEC.layers, blank) == SPEC.layers
+
+
+@pytest.mark.parametrize("selection,item", [
+    ("１", "'１'"),        # a full-width digit: int() would take it
+    ("0_1", "'0_1'"),     # int() would read 01
+    ("1-", "'1-'"),
+    ("1:", "'1:'"),
+    ("0:attn3", "'0:attn3'"),
+    ("-1", "'-1'"),
+    ("0,,1", "an empty item"),
+    ("0,", "an empty item"),
+])
+def test_malformed_layer_selections_are_refused_showing_the_syntax(selection, item):
+    with pytest.raises(EDiTError) as err:
+        select_layers(SPEC.layers, selection)
+    assert str(err.value) == (f"layer selection {selection!r}: {item} is not a block index or range; write 'all' "
+                              "(or blank), or comma-separated block indices and ranges such as '0-12, 20', each "
+                              "optionally limited to one kind of layer with ':attn' or ':attn2' (e.g. '0-12:attn2')")
+
+
+def test_a_backwards_range_is_refused():
+    with pytest.raises(EDiTError, match="the range '1-0' runs backwards; write it low-high \\('0-1'\\)"):
+        select_layers(SPEC.layers, "1-0")
 
 
 def test_init_rejects_unknown_layers():

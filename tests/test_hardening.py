@@ -1,0 +1,111 @@
+"""Hostile and careless inputs outside distillation (issue 10): memory-bomb banks, bad
+Save EDiT file names. Each is refused with an EDiTError naming the file or input."""
+import json
+import re
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from edit_core.bank import EDiTError, ModelSpec, bank_file_stem, init_bank, load_bank, save_bank
+from edit_core.memory import PeakTensorMemory
+
+SPEC = ModelSpec("sd3", 128, 2, 2, ("joint_blocks.0.attn", "joint_blocks.0.attn2", "joint_blocks.1.attn"))
+
+
+def sd3_layers(depth):
+    return [f"joint_blocks.{i}.{a}" for i in range(depth) for a in ("attn", "attn2")]
+
+
+# Small real banks whose metadata claims a huge model. Building the claimed bank would take
+# gigabytes (issue 10: 6.8 GB under a 10 GB cap for the first, 60 GB without one).
+BOMBS = {
+    "200-layers": dict(family="pixart", depth="200", layers=[f"blocks.{i}.attn" for i in range(200)],
+                       hidden_size="1152", heads="16"),
+    "hidden-16384": dict(hidden_size="16384", heads="128"),
+    "64-blocks-hidden-16384": dict(depth="64", layers=sd3_layers(64), hidden_size="16384", heads="128"),
+}
+
+
+def write_bomb(path: Path, claim: dict) -> Path:
+    save_bank(init_bank(SPEC), path)
+    with safe_open(str(path), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    meta.update({k: json.dumps(v) if isinstance(v, list) else v for k, v in claim.items()})
+    save_file(tensors, str(path), meta)
+    return path
+
+
+def resident_peak_kib() -> int:
+    return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def resident_kib() -> int:
+    return int(re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+@pytest.mark.parametrize("name", list(BOMBS))
+def test_memory_bomb_bank_is_refused_fast_without_allocating(tmp_path, name):
+    path = write_bomb(tmp_path / f"bomb-{name}.safetensors", BOMBS[name])
+    assert path.stat().st_size < 200_000
+    try:  # reset the kernel's peak-RSS mark (Linux), so the peak below is this load's own
+        Path("/proc/self/clear_refs").write_text("5")
+        rss_before = resident_kib()
+    except OSError:
+        rss_before = None
+    tracemalloc.start()
+    start = time.perf_counter()
+    with PeakTensorMemory() as tensors, pytest.raises(EDiTError) as err:
+        load_bank(path)
+    seconds = time.perf_counter() - start
+    _, python_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    rss_extra = None if rss_before is None else (resident_peak_kib() - rss_before) * 1024
+    print(f"{name}: refused in {seconds * 1000:.1f} ms, tensors {tensors.peak} B, python {python_peak} B, "
+          f"resident peak +{rss_extra} B: {err.value}")
+    assert str(path) in str(err.value)
+    assert seconds < 1.0
+    assert tensors.peak < 50 * 2**20 and python_peak < 50 * 2**20
+    if rss_extra is not None:
+        assert rss_extra < 50 * 2**20
+
+
+def test_memory_bomb_messages_say_what_is_wrong(tmp_path):
+    messages = {name: str(pytest.raises(EDiTError, load_bank, write_bomb(tmp_path / f"{name}.safetensors", claim)).value)
+                for name, claim in BOMBS.items()}
+    assert "field 'depth' must be a whole number from 1 to 64, found '200'" in messages["200-layers"]
+    assert "tensors of the wrong shape for sd3, hidden 16384, 128 heads, depth 2, 3 layers: " in messages["hidden-16384"]
+    assert "joint_blocks.0.attn.cf.conv.weight: expected (512, 16384, 3, 3), found (4, 128, 3, 3)" \
+        in messages["hidden-16384"]
+    assert "does not match its own config (sd3, hidden 16384, 128 heads, depth 64, 128 layers): missing tensors" \
+        in messages["64-blocks-hidden-16384"]
+    assert all(m.startswith(str(tmp_path)) and m.endswith(
+        "Use another bank, or make this one again with EDiT Distill and Save EDiT.") for m in messages.values())
+
+
+@pytest.mark.parametrize("filename,message", [
+    ("bank\x00.safetensors", r"contains '\\x00'; give a plain file name \(no folders or control characters\)"),
+    ("a" * 250, r"'a{40}'\.\.\. is 250 bytes long; give a name of at most 200 bytes"),
+    ("é" * 101, r"is 202 bytes long"),
+    ("../../escape", r"contains '/'; give a plain file name"),
+    ("/tmp/abs", r"contains '/'"),
+    ("..\\up", r"contains '\\\\'"),
+    ("C:bank", r"contains ':'"),
+    ("line\nbreak", r"contains '\\n'"),
+    (".hidden", r"starts with a dot"),
+    ("..", r"starts with a dot"),
+])
+def test_save_edit_refuses_bad_file_names(filename, message):
+    with pytest.raises(EDiTError, match=r"^Save EDiT: the file name .*" + message):
+        bank_file_stem(filename)
+
+
+@pytest.mark.parametrize("filename,stem", [
+    ("my bank", "my bank"), (" sd35-v2.safetensors ", "sd35-v2"), ("", "edit_bank"), ("   ", "edit_bank"),
+    ("ü" * 100, "ü" * 100), ("x" * 200, "x" * 200),
+])
+def test_save_edit_keeps_plain_file_names(filename, stem):
+    assert bank_file_stem(filename) == stem
