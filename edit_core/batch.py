@@ -5,17 +5,21 @@ servers, with EDiT on and off for an A/B speed comparison.
         --seeds 0 1 --sizes 1024 2048 --ab --server http://127.0.0.1:8188 --out runs/
 
 Every job (prompt x seed x size x EDiT on/off) is submitted with POST /prompt and followed
-over the websocket; its images are downloaded from /view into --out, and one JSON line per
-job is appended to --out/results.jsonl as soon as it ends (nothing done is lost). A job
-rejected with node errors or failing in execution is recorded with the server's message and
-the others go on; a server that stops answering is dropped and its job goes to another.
-Times are the server's own (execution_start to execution_success), so network and queueing
-do not count. Needs aiohttp (a ComfyUI requirement) and tqdm.
+over the websocket; its images are downloaded from /view into --out under names that start
+with the run's id (nothing of an earlier run is overwritten), and one JSON line per job is
+appended to --out/results.jsonl as soon as it ends (nothing done is lost). A job rejected
+with node errors or failing in execution is recorded with the server's message and the
+others go on; a server that sends no news of its job for --timeout seconds, or goes away, is
+dropped and the job goes to another. Ctrl-C takes this run's prompt off each server (out of
+the queue, or interrupted), keeps what finished and exits with 130. Times are the server's
+own (execution_start to execution_success), so network and queueing do not count. Needs
+aiohttp (a ComfyUI requirement) and tqdm.
 """
 import argparse
 import asyncio
 import itertools
 import json
+import signal
 import statistics
 import sys
 import time
@@ -23,7 +27,7 @@ import urllib.parse
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import aiohttp
 from tqdm import tqdm
@@ -99,53 +103,105 @@ class Client:
             raise ServerDown(f"{self.url}: cannot connect ({e})") from e
 
     async def run(self, graph: Graph, on_progress=None) -> dict:
-        """Queue ``graph`` and wait for it; returns the /history entry. Raises ServerDown,
-        or WorkflowError with the server's own message for rejected or failed prompts."""
+        """Queue ``graph`` and wait for it; returns the /history entry. Raises ServerDown
+        (also after ``timeout`` seconds without any message about the prompt), or
+        WorkflowError with the server's own message for rejected or failed prompts. Cancelled
+        (Ctrl-C) or timed out, it first takes the prompt off the server."""
+        prompt_id = None
         try:
             async with self.session.post(f"{self.url}/prompt", json={"prompt": graph, "client_id": self.client_id}) as r:
                 body = await r.json(content_type=None)
                 if r.status != 200:
                     raise WorkflowError("rejected: " + describe_rejection(body))
             prompt_id = body["prompt_id"]
-            deadline = time.monotonic() + self.timeout
-            while True:
-                msg = await self.ws.receive(timeout=max(1.0, deadline - time.monotonic()))
-                if msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.ERROR):
-                    raise ServerDown(f"{self.url}: websocket closed")
-                if msg.type != aiohttp.WSMsgType.TEXT:
-                    continue  # binary preview images
-                event = json.loads(msg.data)
-                data = event.get("data", {})
-                if data.get("prompt_id") != prompt_id:
-                    continue
-                if event["type"] == "progress" and on_progress:
-                    on_progress(data["value"], data["max"])
-                elif event["type"] == "execution_error":
-                    raise WorkflowError(f"node {data.get('node_id')} ({data.get('node_type')}): "
-                                        f"{data.get('exception_type', '').rsplit('.', 1)[-1]}: {data.get('exception_message', '').strip()}")
-                elif event["type"] == "execution_interrupted":
-                    raise WorkflowError("interrupted")
-                elif event["type"] == "executing" and data.get("node") is None:
-                    break  # sent after the history entry is written
+            await self.follow(prompt_id, on_progress)
             async with self.session.get(f"{self.url}/history/{prompt_id}") as r:
                 history = await r.json()
             if prompt_id not in history:
                 raise WorkflowError(f"finished, but {self.url}/history has no entry for prompt {prompt_id}")
             return history[prompt_id]
         except asyncio.TimeoutError as e:
-            raise ServerDown(f"{self.url}: no answer within {self.timeout:.0f} s") from e
+            if prompt_id:
+                await self.withdraw(prompt_id)
+            raise ServerDown(f"{self.url}: no news of prompt {prompt_id} for {self.timeout:g} s "
+                             "(--timeout: seconds without any message about a job)") from e
+        except asyncio.CancelledError:
+            if prompt_id:
+                await self.withdraw(prompt_id)
+            raise
         except (aiohttp.ClientError, OSError) as e:
             raise ServerDown(f"{self.url}: {e}") from e
 
-    async def download(self, image: dict, path: Path):
+    async def follow(self, prompt_id: str, on_progress=None):
+        """Read the websocket until the prompt is done. Every message about it (executing,
+        progress, executed, previews...) resets the ``timeout`` clock: a long job that keeps
+        reporting is never dropped, a silent one is."""
+        last_news = time.monotonic()
+        while True:
+            left = last_news + self.timeout - time.monotonic()
+            if left <= 0:
+                raise asyncio.TimeoutError
+            msg = await self.ws.receive(timeout=left)
+            if msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.ERROR):
+                raise ServerDown(f"{self.url}: websocket closed")
+            if msg.type == aiohttp.WSMsgType.BINARY:  # previews: sent to this client only, for its running prompt
+                last_news = time.monotonic()
+                continue
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                continue
+            event = json.loads(msg.data)
+            data = event.get("data") or {}
+            if data.get("prompt_id") != prompt_id:
+                continue
+            last_news = time.monotonic()
+            if event["type"] == "progress" and on_progress:
+                on_progress(data["value"], data["max"])
+            elif event["type"] == "execution_error":
+                raise WorkflowError(f"node {data.get('node_id')} ({data.get('node_type')}): "
+                                    f"{data.get('exception_type', '').rsplit('.', 1)[-1]}: {data.get('exception_message', '').strip()}")
+            elif event["type"] == "execution_interrupted":
+                raise WorkflowError("interrupted")
+            elif event["type"] == "executing" and data.get("node") is None:
+                return  # sent after the history entry is written
+
+    async def withdraw(self, prompt_id: str):
+        """Take a prompt off the server: deleted from the queue if it waits there,
+        interrupted if it runs (by id, so another client's prompt is never stopped)."""
+        limit = aiohttp.ClientTimeout(total=10)
+        try:
+            async with self.session.get(f"{self.url}/queue", timeout=limit) as r:
+                queue = await r.json()
+            if any(item[1] == prompt_id for item in queue.get("queue_pending", [])):
+                async with self.session.post(f"{self.url}/queue", json={"delete": [prompt_id]}, timeout=limit):
+                    pass
+            if any(item[1] == prompt_id for item in queue.get("queue_running", [])):
+                async with self.session.post(f"{self.url}/interrupt", json={"prompt_id": prompt_id}, timeout=limit):
+                    pass
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError):
+            pass  # the server is unreachable: there is nothing left to stop on it
+
+    async def download(self, image: dict) -> bytes:
         query = urllib.parse.urlencode({k: image[k] for k in ("filename", "subfolder", "type")})
         async with self.session.get(f"{self.url}/view?{query}") as r:
             r.raise_for_status()
-            path.write_bytes(await r.read())
+            return await r.read()
 
     async def close(self):
         if self.ws is not None:
             await self.ws.close()
+
+
+def write_new_file(folder: Path, name: str, data: bytes) -> Path:
+    """Write ``data`` to a file that did not exist: ``name``, or ``name`` with -1, -2... added."""
+    stem, suffix = Path(name).stem, Path(name).suffix
+    for n in itertools.count():
+        path = folder / (name if n == 0 else f"{stem}-{n}{suffix}")
+        try:
+            with open(path, "xb") as f:
+                f.write(data)
+            return path
+        except FileExistsError:
+            continue
 
 
 def describe_rejection(body) -> str:
@@ -167,7 +223,11 @@ def execution_seconds(history: dict) -> Optional[float]:
 
 async def run_batch(graph: Graph, jobs: List[Job], servers: List[str], out: Path, timeout: float = 3600,
                     warmup: bool = True, log=print) -> List[Result]:
+    """Run the jobs, one at a time per server; returns their results by job index. Cancelled
+    (Ctrl-C), it takes the running prompts off the servers and returns what finished, with
+    the jobs it stopped marked 'interrupted'."""
     out.mkdir(parents=True, exist_ok=True)
+    run_id = time.strftime("%Y%m%d-%H%M%S")  # starts this run's image names: no earlier file is overwritten
     queue: asyncio.Queue = asyncio.Queue()
     for job in jobs:
         queue.put_nowait(job)
@@ -177,9 +237,8 @@ async def run_batch(graph: Graph, jobs: List[Job], servers: List[str], out: Path
 
     def record(result: Result):
         results.append(result)
-        line = asdict(result)
         with open(out / "results.jsonl", "a") as f:
-            f.write(json.dumps(line) + "\n")
+            f.write(json.dumps({"run": run_id, **asdict(result)}) + "\n")
         bar.update(1)
         if result.status != "success":
             log(f"{result.job.name} on {result.server or '-'}: {result.status}: {result.message}")
@@ -210,14 +269,16 @@ async def run_batch(graph: Graph, jobs: List[Job], servers: List[str], out: Path
                     except ServerDown:
                         queue.put_nowait(job)  # another server takes it
                         raise
+                    except asyncio.CancelledError:
+                        record(Result(job, "interrupted", url, message="stopped by Ctrl-C (taken off the server)"))
+                        raise
                     files = []
                     for node_out in history.get("outputs", {}).values():
-                        for k, image in enumerate(node_out.get("images", [])):
+                        for image in node_out.get("images", []):
                             if image.get("type") != "output":
                                 continue
-                            path = out / f"{job.name}_{len(files)}{Path(image['filename']).suffix}"
-                            await client.download(image, path)
-                            files.append(str(path))
+                            name = f"{run_id}_{job.name}_{len(files)}{Path(image['filename']).suffix}"
+                            files.append(str(write_new_file(out, name, await client.download(image))))
                     record(Result(job, "success", url, execution_seconds(history), files=files))
             except ServerDown as e:
                 live.discard(url)
@@ -228,12 +289,35 @@ async def run_batch(graph: Graph, jobs: List[Job], servers: List[str], out: Path
             finally:
                 await client.close()
 
-    while not queue.empty() and live:  # again while jobs that a dropped server gave back remain
-        await asyncio.gather(*(worker(u) for u in sorted(live)))
-    while not queue.empty():
-        record(Result(queue.get_nowait(), "server-down", message="no server left to run it"))
-    bar.close()
+    try:
+        while not queue.empty() and live:  # again while jobs that a dropped server gave back remain
+            await asyncio.gather(*(worker(u) for u in sorted(live)))
+        while not queue.empty():
+            record(Result(queue.get_nowait(), "server-down", message="no server left to run it"))
+    except asyncio.CancelledError:
+        pass  # Ctrl-C: the workers have taken their prompts off the servers; keep what finished
+    finally:
+        bar.close()
     return sorted(results, key=lambda r: r.job.index)
+
+
+async def run_batch_until_ctrl_c(*args, **kwargs) -> Tuple[List[Result], bool]:
+    """``run_batch``, stopped cleanly by Ctrl-C (SIGINT): (results, whether it was stopped)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(run_batch(*args, **kwargs))
+    stopped = []
+
+    def stop():
+        if not stopped:  # later presses: the clean-up is already under way (10 s at most per server)
+            stopped.append(True)
+            print("\nCtrl-C: taking this run's prompts off the server(s)...", file=sys.stderr, flush=True)
+            task.cancel()
+
+    loop.add_signal_handler(signal.SIGINT, stop)
+    try:
+        return await task, bool(stopped)
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
 
 
 def summary(results: List[Result]) -> str:
@@ -254,25 +338,74 @@ def summary(results: List[Result]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m edit_core.batch", description=__doc__.split("\n\n")[0])
-    p.add_argument("workflow", help="API-format workflow (e.g. workflows/api/sd35_medium_edit.json)")
-    p.add_argument("--prompt", action="append", default=[], help="a positive prompt (repeatable)")
-    p.add_argument("--prompts", help="file with one positive prompt per line")
-    p.add_argument("--seeds", nargs="+", type=int, default=[], help="sampler seeds (default: the workflow's)")
-    p.add_argument("--sizes", nargs="+", type=parse_size, default=[], help="WIDTH or WIDTHxHEIGHT (default: the workflow's)")
-    p.add_argument("--server", action="append", default=[], help="server URL (repeatable; default http://127.0.0.1:8188)")
-    p.add_argument("--ab", action="store_true", help="every job with EDiT on and off (Apply EDiT's 'enabled')")
-    p.add_argument("--tiny", action="store_true", help="run on the built-in tiny models (no real checkpoint needed)")
-    p.add_argument("--no-warmup", action="store_true", help="skip the untimed model-loading run per server")
-    p.add_argument("--timeout", type=float, default=3600, help="seconds without news before a server counts as down")
-    p.add_argument("--out", default="edit_batch", help="folder for images and results.jsonl")
-    args = p.parse_args(argv)
+def comma_list(item_type):
+    """argparse type of one value of a list option: an item or a comma list of them."""
+    def parse(text: str) -> list:
+        parts = [part.strip() for part in text.split(",")]
+        if not all(parts):
+            raise argparse.ArgumentTypeError(f"{text!r}: an empty item in the list")
+        return [item_type(part) for part in parts]
+    return parse
 
-    prompts = list(args.prompt)
-    if args.prompts:
-        prompts += [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+
+class Concatenate(argparse.Action):
+    """A list option takes space-separated values, comma lists or both (``--seeds 0 1,2``)
+    and may be repeated."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, list(getattr(namespace, self.dest) or []) + [v for vs in values for v in vs])
+
+
+def seed(text: str) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise argparse.ArgumentTypeError(f"seed {text!r}: expected a whole number >= 0")
+    return int(text)
+
+
+def read_prompts(path: str) -> List[str]:
     try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise WorkflowError(f"--prompts {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise WorkflowError(f"--prompts {path}: cannot read it as UTF-8 text ({e})") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m edit_core.batch", description=__doc__.split("\n\n")[0],
+                                allow_abbrev=False)
+    p.add_argument("workflow", help="API-format workflow (e.g. workflows/api/sd35_medium_edit.json)")
+    p.add_argument("--prompt", action="append", default=[], help="a positive prompt (repeatable; a comma is part "
+                   "of the prompt) (default: the workflow's)")
+    p.add_argument("--prompts", help="file with one positive prompt per line (default: none)")
+    p.add_argument("--seeds", nargs="+", type=comma_list(seed), action=Concatenate, metavar="SEED",
+                   help="sampler seeds: 0 1 2 or 0,1,2 (default: the workflow's)")
+    p.add_argument("--sizes", nargs="+", type=comma_list(parse_size), action=Concatenate, metavar="SIZE",
+                   help="WIDTH or WIDTHxHEIGHT: 1024 2048x1024 or 1024,2048x1024 (default: the workflow's)")
+    p.add_argument("--server", nargs="+", type=comma_list(str), action=Concatenate, metavar="URL",
+                   help="server URLs, space- or comma-separated, repeatable (default: http://127.0.0.1:8188)")
+    p.add_argument("--ab", action="store_true", help="every job with EDiT on and off (Apply EDiT's 'enabled') "
+                   "(default: off)")
+    p.add_argument("--tiny", action="store_true", help="run on the built-in tiny models (no real checkpoint needed) "
+                   "(default: off)")
+    p.add_argument("--no-warmup", action="store_true", help="skip the untimed model-loading run per server "
+                   "(default: off)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds without any message about a job (progress, "
+                   "executing...) before its server counts as down; a long job that keeps reporting is never "
+                   "dropped (default: %(default)g)")
+    p.add_argument("--out", default="edit_batch", help="folder for images and results.jsonl; images of each run "
+                   "start with the run's id, so earlier runs are kept (default: %(default)s)")
+    args = p.parse_args(argv)
+    if not args.timeout > 0:
+        p.error(f"--timeout {args.timeout:g}: expected a number of seconds > 0")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
         graph = load_graph(args.workflow)
         if args.tiny:
             graph = use_tiny_models(graph)
@@ -280,16 +413,27 @@ def main(argv=None):
         with_settings(graph, prompts[0] if prompts else None, args.seeds[0] if args.seeds else None,
                       args.sizes[0] if args.sizes else None, True if args.ab else None)  # fail early
     except WorkflowError as e:
-        p.error(str(e))
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     servers = args.server or ["http://127.0.0.1:8188"]
     print(f"{len(jobs)} jobs on {len(servers)} server(s)" + (" - TINY built-in models, not your checkpoint" if args.tiny else ""))
     t0 = time.time()
-    results = asyncio.run(run_batch(graph, jobs, servers, Path(args.out), args.timeout, not args.no_warmup))
+    results, stopped = asyncio.run(run_batch_until_ctrl_c(graph, jobs, servers, Path(args.out), args.timeout,
+                                                          not args.no_warmup))
     print(summary(results))
     ok = sum(r.status == "success" for r in results)
-    print(f"{ok}/{len(results)} succeeded in {time.time() - t0:.0f} s; results in {Path(args.out) / 'results.jsonl'}")
+    where = Path(args.out) / "results.jsonl"
+    if stopped:
+        print(f"stopped by Ctrl-C: {ok} of {len(jobs)} jobs succeeded, {len(jobs) - len(results)} not run; "
+              f"results in {where}")
+        return 130
+    print(f"{ok}/{len(results)} succeeded in {time.time() - t0:.0f} s; results in {where}")
     return 0 if ok == len(results) else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C before the batch started (reading the workflow): nothing to clean up
+        print("stopped by Ctrl-C", file=sys.stderr)
+        sys.exit(130)

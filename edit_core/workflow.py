@@ -21,22 +21,51 @@ class WorkflowError(ValueError):
 
 
 def load_graph(path) -> Graph:
-    """An API-format workflow file; a UI-format file gets a clear error."""
+    """An API-format workflow file, checked (``check_graph``); anything else gets a clear error."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise WorkflowError(f"{path}: not a readable JSON workflow ({e})") from e
     if isinstance(data, dict) and "nodes" in data and "links" in data:
         raise WorkflowError(f"{path} is a UI-format workflow; batch runs need the API format "
                             "(workflows/api/, or 'Export (API)' in ComfyUI)")
-    if not isinstance(data, dict) or not all(isinstance(n, dict) and "class_type" in n for n in data.values()):
-        raise WorkflowError(f"{path}: expected an API-format workflow (node id -> class_type/inputs)")
+    check_graph(data, str(path))
     return data
 
 
 def is_link(value) -> bool:
     return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
+
+
+# Inputs the batch edits read, per node type: a workflow without them cannot be run here.
+NEEDED_INPUTS = {"KSampler": ("steps",), "KSamplerAdvanced": ("steps",), "CLIPTextEncode": ("text",),
+                 "EDiTDistill": ("sample_steps",)}
+
+
+def check_graph(graph, source: str = "the workflow"):
+    """Refuse what is not an API-format graph, naming the node and what is wrong: a node
+    without class_type or inputs, a link to a node that is not there, a sampler without
+    steps. (Everything else the server checks when the prompt is queued.)"""
+    if not isinstance(graph, dict) or not graph:
+        raise WorkflowError(f"{source}: expected an API-format workflow, a JSON object of nodes "
+                            "(node id -> {\"class_type\", \"inputs\"}), found " +
+                            ("an empty object" if isinstance(graph, dict) else f"a JSON {type(graph).__name__}"))
+    for node_id, node in graph.items():
+        if not isinstance(node, dict) or not isinstance(node.get("class_type"), str) or not node["class_type"]:
+            raise WorkflowError(f"{source}: node {node_id} has no class_type: not an API-format workflow node "
+                                "(export the workflow with 'Export (API)' in ComfyUI)")
+        where = f"{source}: node {node_id} ({node['class_type']})"
+        inputs = node.get("inputs")
+        if not isinstance(inputs, dict):
+            raise WorkflowError(f"{where} has no 'inputs' object" + ("" if inputs is None else
+                                                                     f" (found a JSON {type(inputs).__name__})"))
+        for name, value in inputs.items():
+            if is_link(value) and value[0] not in graph:
+                raise WorkflowError(f"{where}: input {name!r} links to node {value[0]}, which is not in the workflow")
+        missing = [k for k in NEEDED_INPUTS.get(node["class_type"], ()) if k not in inputs]
+        if missing:
+            raise WorkflowError(f"{where} has no {', '.join(repr(k) for k in missing)} input")
 
 
 def nodes_of(graph: Graph, *class_types: str) -> List[str]:

@@ -2,8 +2,10 @@
 them down), failures recorded while the other runs go on."""
 import json
 
+import pytest
+
 from conftest import REPO
-from edit_core.batch import main
+from edit_core.batch import main, parse_args
 from edit_core.host_server import free_port
 
 WORKFLOW = str(REPO / "workflows" / "api" / "sd35_medium_edit.json")
@@ -61,3 +63,91 @@ def test_every_server_down_fails_every_job_clearly(tmp_path, capsys):
     rows = results(tmp_path)
     assert len(rows) == 2 and all(r["status"] == "server-down" for r in rows)
     assert "cannot connect" in capsys.readouterr().out
+
+
+# -- bad input: one `error:` line naming the node and what is wrong, exit 2 -------------------
+def broken(graph, node, change):
+    graph = json.loads(json.dumps(graph))
+    change(graph[node])
+    return graph
+
+
+GOOD = json.loads(open(WORKFLOW).read())
+
+
+@pytest.mark.parametrize("content,message", [
+    (broken(GOOD, "9", lambda n: n.pop("inputs")), "node 9 (KSampler) has no 'inputs' object"),
+    (broken(GOOD, "9", lambda n: n.update(inputs=[1, 2])), "node 9 (KSampler) has no 'inputs' object (found a JSON list)"),
+    (broken(GOOD, "9", lambda n: n["inputs"].update(model=["70", 0])),
+     "node 9 (KSampler): input 'model' links to node 70, which is not in the workflow"),
+    (broken(GOOD, "9", lambda n: n["inputs"].pop("steps")), "node 9 (KSampler) has no 'steps' input"),
+    (broken(GOOD, "7", lambda n: n.pop("class_type")), "node 7 has no class_type: not an API-format workflow node"),
+    ({"nodes": [], "links": []}, "is a UI-format workflow; batch runs need the API format"),
+    ([1, 2, 3], "expected an API-format workflow, a JSON object of nodes"),
+    ({}, "expected an API-format workflow, a JSON object of nodes (node id -> {\"class_type\", \"inputs\"}), "
+         "found an empty object"),
+    ("{not json", "not a readable JSON workflow"),
+], ids=["no-inputs", "inputs-a-list", "dangling-link", "no-steps", "no-class_type", "ui-format", "a-list", "empty",
+        "not-json"])
+@pytest.mark.parametrize("tiny", [False, True], ids=["own-models", "tiny"])
+def test_bad_workflows_get_one_error_line(tmp_path, capsys, content, message, tiny):
+    path = tmp_path / "workflow.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    rc = main([str(path), "--out", str(tmp_path / "out")] + (["--tiny"] if tiny else []))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith(f"error: {path}") and "\n" not in err and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unreadable_workflow_file_gets_one_error_line(tmp_path, capsys):
+    rc = main([str(tmp_path / "missing.json")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err
+    assert err.startswith(f"error: {tmp_path / 'missing.json'}: not a readable JSON workflow ([Errno 2]"), err
+
+
+def test_a_missing_prompts_file_gets_one_error_line(tmp_path, capsys):
+    rc = main([WORKFLOW, "--prompts", str(tmp_path / "prompts.txt")])
+    assert rc == 2
+    assert capsys.readouterr().err.strip() == f"error: --prompts {tmp_path / 'prompts.txt'}: no such file"
+
+
+def test_help_shows_defaults_and_options_are_never_abbreviated(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: 3600)", "(default: edit_batch)", "(default: http://127.0.0.1:8188)",
+                    "(default: the workflow's)"):
+        assert default in text
+    with pytest.raises(SystemExit) as exit_:
+        main([WORKFLOW, "--time", "5"])
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --time 5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,seeds,sizes", [
+    (["--seeds", "0", "1", "2"], [0, 1, 2], None),
+    (["--seeds", "0,1,2"], [0, 1, 2], None),
+    (["--seeds", "0,1", "2", "--seeds", "3"], [0, 1, 2, 3], None),
+    (["--sizes", "256", "320x512"], None, [(256, 256), (320, 512)]),
+    (["--sizes", "256,320x512"], None, [(256, 256), (320, 512)]),
+])
+def test_list_options_take_spaces_and_commas(args, seeds, sizes):
+    assert parse_args([WORKFLOW] + args).seeds == seeds
+    assert parse_args([WORKFLOW] + args).sizes == sizes
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--seeds", "0,,1"], "argument --seeds: '0,,1': an empty item in the list"),
+    (["--seeds", "-1"], "argument --seeds: seed '-1': expected a whole number >= 0"),
+    (["--seeds", "１"], "argument --seeds: seed '１': expected a whole number >= 0"),
+    (["--sizes", "250"], "argument --sizes: size '250': width and height must be multiples of 16"),
+    (["--timeout", "0"], "--timeout 0: expected a number of seconds > 0"),
+])
+def test_bad_option_values_are_refused(capsys, args, message):
+    with pytest.raises(SystemExit) as exit_:
+        parse_args([WORKFLOW] + args)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
