@@ -1,11 +1,20 @@
 """The batch CLI against a real ComfyUI server: A/B runs, work spread over servers (one of
-them down), failures recorded while the other runs go on."""
+them down), failures recorded while the other runs go on; bad input, --timeout, reruns into
+the same folder and Ctrl-C."""
+import asyncio
 import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import aiohttp
 import pytest
 
 from conftest import REPO
-from edit_core.batch import main, parse_args
+from edit_core.batch import Client, ServerDown, main, parse_args
+from edit_core.workflow import SAMPLERS, WorkflowError, load_graph, nodes_of, use_tiny_models, with_settings
 from edit_core.host_server import free_port
 
 WORKFLOW = str(REPO / "workflows" / "api" / "sd35_medium_edit.json")
@@ -151,3 +160,116 @@ def test_bad_option_values_are_refused(capsys, args, message):
         parse_args([WORKFLOW] + args)
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+# -- against the real server: no overwrites, --timeout as silence, Ctrl-C ---------------------
+def tiny_workflow(path, steps, size=256):
+    """The example workflow on the tiny models with ``steps`` sampling steps (--tiny caps
+    them at 4), written as an API workflow file."""
+    graph = use_tiny_models(load_graph(WORKFLOW), size=size)
+    for node in nodes_of(graph, *SAMPLERS):
+        graph[node]["inputs"]["steps"] = steps
+    path.write_text(json.dumps(graph))
+    return path
+
+
+def queue_ids(server):
+    queue = server.get("/queue")
+    return [item[1] for item in queue["queue_running"]], [item[1] for item in queue["queue_pending"]]
+
+
+def wait_for_empty_queue(server, seconds):
+    deadline = time.monotonic() + seconds
+    while queue_ids(server) != ([], []):
+        assert time.monotonic() < deadline, f"the server still has prompts: {queue_ids(server)}"
+        time.sleep(0.2)
+
+
+def test_a_second_run_into_the_same_folder_keeps_the_first_runs_images(comfy_server, tmp_path, capsys):
+    args = [WORKFLOW, "--tiny", "--server", comfy_server.url, "--sizes", "256", "--seeds", "5", "--no-warmup",
+            "--out", str(tmp_path)]
+    assert main(args + ["--prompt", "a red boat"]) == 0
+    [first] = results(tmp_path)
+    [first_file] = first["files"]
+    first_bytes = open(first_file, "rb").read()
+    assert main(args + ["--prompt", "a blue house"]) == 0  # same job name (0000_256x256_s5), another image
+    lines = results(tmp_path)
+    assert lines[0] == first
+    [second_file] = lines[1]["files"]
+    assert second_file != first_file and lines[1]["run"] and lines[1]["job"]["prompt"] == "a blue house"
+    assert open(first_file, "rb").read() == first_bytes
+    assert open(second_file, "rb").read() != first_bytes
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(Path(f).name for f in (first_file, second_file))
+
+
+def test_timeout_counts_seconds_without_news_not_the_jobs_length(comfy_server, tmp_path):
+    """A job that keeps reporting progress for longer than the timeout is followed to its
+    end; a job the server says nothing about (queued behind it) is dropped after the
+    timeout and taken off the server's queue."""
+    graph = load_graph(tiny_workflow(tmp_path / "long.json", steps=10_000))
+    long_timeout, silent_timeout = 15.0, 3.0
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            talker, silent = Client(comfy_server.url, session, long_timeout), Client(comfy_server.url, session,
+                                                                                     silent_timeout)
+            await talker.connect()
+            await silent.connect()
+            steps = []
+            started = time.monotonic()
+            long_job = asyncio.ensure_future(talker.run(graph, lambda value, total: steps.append(time.monotonic())))
+            while not steps:  # sampling has started: the long job is running
+                assert not long_job.done(), long_job.exception()
+                await asyncio.sleep(0.2)
+            with pytest.raises(ServerDown, match=f"no news of prompt .* for {silent_timeout:g} s") as dropped:
+                await silent.run(with_settings(graph, seed=12345))
+            silent_seconds = time.monotonic() - started
+            while time.monotonic() - started < 2.5 * long_timeout:
+                assert not long_job.done(), long_job.exception()
+                await asyncio.sleep(0.5)
+            [running], pending = queue_ids(comfy_server)
+            comfy_server.post("/interrupt", {"prompt_id": running})
+            with pytest.raises(WorkflowError, match="^interrupted$"):
+                await long_job
+            await talker.close()
+            await silent.close()
+            return steps, started, silent_seconds, pending, dropped
+
+    steps, started, silent_seconds, pending, dropped = asyncio.run(scenario())
+    assert steps[-1] - started > 2.5 * long_timeout - 1  # followed for over twice its timeout...
+    assert len(steps) > 3  # ...while it reported progress
+    assert pending == []  # the dropped job was taken off the queue
+    print(f"long job followed {steps[-1] - started:.0f} s ({len(steps)} steps, timeout {long_timeout:g} s); "
+          f"silent one dropped after {silent_seconds:.1f} s: {dropped.value}")
+    wait_for_empty_queue(comfy_server, 30)
+
+
+def test_ctrl_c_takes_the_running_prompt_off_the_server_and_exits_130(comfy_server, tmp_path):
+    workflow = tiny_workflow(tmp_path / "slow.json", steps=12)
+    out = tmp_path / "out"
+    cli = subprocess.Popen([sys.executable, "-m", "edit_core.batch", str(workflow), "--server", comfy_server.url,
+                            "--seeds", "0", "1", "2", "3", "4", "--no-warmup", "--out", str(out)],
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        # Ctrl-C once a job has finished and the next one runs on the server.
+        while not ((out / "results.jsonl").exists() and queue_ids(comfy_server)[0]):
+            assert cli.poll() is None and time.monotonic() < deadline, cli.communicate()
+            time.sleep(0.05)
+        [running], _ = queue_ids(comfy_server)
+        cli.send_signal(signal.SIGINT)
+        stdout, stderr = cli.communicate(timeout=60)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    assert cli.returncode == 130, stdout + stderr
+    assert "Traceback" not in stderr, stderr
+    assert "stopped by Ctrl-C" in stdout
+    wait_for_empty_queue(comfy_server, 15)  # interrupted at its next step, not run to its end
+    rows = results(out)
+    *finished, last = rows
+    assert finished and all(r["status"] == "success" and Path(r["files"][0]).is_file() for r in finished)
+    assert last["status"] == "interrupted" and "Ctrl-C" in last["message"]
+    assert len(rows) < 5
+    history = comfy_server.get(f"/history/{running}")[running]
+    assert any(name == "execution_interrupted" for name, _ in history["status"]["messages"]), history["status"]
