@@ -137,7 +137,7 @@ def init_bank(spec: ModelSpec, layers: Optional[Iterable[str]] = None, seed: int
         raise EDiTError(f"layers {unknown} are not attention layers EDiT can convert in this model "
                         f"({spec.describe()}); convertible: {', '.join(spec.layers)}")
     if not names:
-        raise EDiTError("no layers selected: a bank needs at least one layer")
+        raise EDiTError("no layers selected: a bank needs at least one layer; select some, or 'all'")
     config = BankConfig(spec.family, spec.hidden_size, spec.heads, spec.depth,
                         tuple(n for n in spec.layers if n in names), **hparams)
     with torch.random.fork_rng(devices=[]):
@@ -151,11 +151,13 @@ def check_bank_fits(config: BankConfig, spec: ModelSpec, source: str = "the bank
     expected = (spec.family, spec.hidden_size, spec.heads, spec.depth)
     if found != expected:
         raise EDiTError(f"{source} was made for a different model: it is for {config.describe()}, "
-                        f"but the model is {spec.describe()}")
+                        f"but the model is {spec.describe()}. Load the bank made for this model, or make one for "
+                        "it with EDiT Distill")
     missing = [n for n in config.layers if n not in spec.layers]
     if missing:
         raise EDiTError(f"{source} has layers this model does not have: {', '.join(missing)} "
-                        f"(model: {spec.describe()}, layers {', '.join(spec.layers)})")
+                        f"(model: {spec.describe()}, layers {', '.join(spec.layers)}). Load the bank made for this "
+                        "model, or make one for it with EDiT Distill")
 
 
 BANK_NAME_FORBIDDEN = set('/\\:*?"<>|')  # folders, and characters Windows refuses in names
@@ -248,7 +250,7 @@ def _config_from_metadata(meta: Dict[str, str], path) -> BankConfig:
     consistency (no tensor or module is made here)."""
     if meta.get("format") != FORMAT_NAME:
         raise EDiTError(f"{path} is not an EDiT bank: its metadata has format {meta.get('format')!r}, "
-                        f"expected {FORMAT_NAME!r} (is it a model or LoRA file?)")
+                        f"expected {FORMAT_NAME!r} (is it a model or LoRA file?). Pick a bank saved by Save EDiT")
     text = meta.get("format_version")
     if not isinstance(text, str) or not re.fullmatch(r"[0-9]{1,9}", text):
         raise _refusal(path, "format_version", "a whole number", text)
@@ -313,7 +315,7 @@ def load_bank(path) -> EDiTBank:
     model is refused without allocating it. Nothing is returned half-loaded."""
     path = Path(path)
     if not path.is_file():
-        raise EDiTError(f"EDiT bank file not found: {path}")
+        raise EDiTError(f"EDiT bank file not found: {path}. Check the name, or put the bank in models/edit")
     try:
         with safe_open(str(path), framework="pt") as f:
             config = _config_from_metadata(f.metadata() or {}, path)
@@ -337,7 +339,7 @@ def load_bank(path) -> EDiTBank:
                                 f"(expected {', '.join(FLOAT_DTYPES)}). {REMAKE}")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except SafetensorError as e:
-        raise EDiTError(f"{path} is not a readable safetensors file (truncated or another format?): {e}")
+        raise EDiTError(f"{path} is not a readable safetensors file (truncated or another format?): {e}. {REMAKE}")
     bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if bad:
         raise EDiTError(f"{path} has non-finite values in {', '.join(bad[:8])}. {REMAKE}")
@@ -382,5 +384,6 @@ def select_layers(config_layers: Sequence[str], selection: str) -> Tuple[str, ..
               if any(first <= int(name.split(".")[1]) <= last and (not kind or name.endswith("." + kind))
                      for first, last, kind in items)]
     if not chosen:
-        raise EDiTError(f"layer selection {selection!r} selects none of the bank's layers ({', '.join(config_layers)})")
+        raise EDiTError(f"layer selection {selection!r} selects none of the bank's layers ({', '.join(config_layers)}); "
+                        "pick block indices among them, or 'all'")
     return tuple(chosen)
