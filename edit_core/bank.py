@@ -31,9 +31,9 @@ MAX_DEPTH = 64
 MAX_HEADS = 256
 MAX_HIDDEN = 16384
 MAX_KERNEL = 15
+MAX_REDUCTION = 1024
 LAYER_PATTERNS = {"sd3": r"joint_blocks\.(0|[1-9][0-9]{0,2})\.attn2?", "pixart": r"blocks\.(0|[1-9][0-9]{0,2})\.attn"}
 LAYER_EXAMPLES = {"sd3": "'joint_blocks.0.attn' or 'joint_blocks.0.attn2'", "pixart": "'blocks.0.attn'"}
-HPARAMS = {"reduction", "cf_kernel", "sc_kernel", "local_kernel", "eta_mode"}
 ETA_MODES = ("learned", "ratio")
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 REMAKE = "Use another bank, or make this one again with EDiT Distill and Save EDiT."
@@ -140,6 +140,10 @@ def init_bank(spec: ModelSpec, layers: Optional[Iterable[str]] = None, seed: int
         raise EDiTError("no layers selected: a bank needs at least one layer; select some, or 'all'")
     config = BankConfig(spec.family, spec.hidden_size, spec.heads, spec.depth,
                         tuple(n for n in spec.layers if n in names), **hparams)
+    for key, value in config.hparams().items():  # what load_bank would refuse is never made
+        problem = hparam_problem(key, value)
+        if problem:
+            raise EDiTError(f"{key} {value!r}: must be {problem}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return EDiTBank(config)
@@ -207,6 +211,28 @@ def save_bank(bank: EDiTBank, path, training: Optional[Dict] = None):
     bank.config = config
 
 
+def _odd_kernel(size: int) -> bool:
+    return 1 <= size <= MAX_KERNEL and size % 2 == 1
+
+
+_KERNEL = f"an odd whole number from 1 to {MAX_KERNEL}"
+HPARAM_RULES = {  # hyper-parameter: (what it must be, test)
+    "reduction": (f"a whole number from 1 to {MAX_REDUCTION}", lambda r: 1 <= r <= MAX_REDUCTION),
+    "cf_kernel": (_KERNEL, _odd_kernel),
+    "sc_kernel": (_KERNEL, _odd_kernel),
+    "local_kernel": (_KERNEL + " or 0 (no local branch)", lambda k: k == 0 or _odd_kernel(k)),
+    "eta_mode": (f"one of {', '.join(ETA_MODES)}", lambda mode: mode in ETA_MODES),
+}
+HPARAMS = set(HPARAM_RULES)
+
+
+def hparam_problem(key: str, value) -> Optional[str]:
+    """None if ``value`` is a valid ``key`` hyper-parameter, else what it must be."""
+    expected, ok = HPARAM_RULES[key]
+    kind = str if key == "eta_mode" else int
+    return None if type(value) is kind and ok(value) else expected  # type(): a JSON true is no number
+
+
 def _refusal(path, field: str, expected: str, found) -> EDiTError:
     return EDiTError(f"{path}: bank metadata field {field!r} must be {expected}, found {found!r}. The file is damaged "
                      f"or was not written by ComfyUI-EDiT. {REMAKE}")
@@ -234,15 +260,6 @@ def _json_field(meta: Dict[str, str], path, field: str, kind: type, default=None
     return value
 
 
-def _hparam(hp: dict, path, key: str, expected: str, ok) -> int:
-    value = hp.get(key)
-    if type(value) is not int or not ok(value):  # type(): a JSON true is not a number here
-        raise _refusal(path, f"hparams.{key}", expected, value)
-    return value
-
-
-def _odd_kernel(size: int) -> bool:
-    return 1 <= size <= MAX_KERNEL and size % 2 == 1
 
 
 def _config_from_metadata(meta: Dict[str, str], path) -> BankConfig:
@@ -278,18 +295,12 @@ def _config_from_metadata(meta: Dict[str, str], path) -> BankConfig:
     unknown = sorted(set(hp) - HPARAMS)
     if unknown:
         raise _refusal(path, "hparams", f"an object with the keys {', '.join(sorted(HPARAMS))}", unknown)
-    if hp.get("eta_mode") not in ETA_MODES:
-        raise _refusal(path, "hparams.eta_mode", f"one of {', '.join(ETA_MODES)}", hp.get("eta_mode"))
-    kernel = f"an odd whole number from 1 to {MAX_KERNEL}"
-    return BankConfig(
-        family, hidden, heads, depth, tuple(layers),
-        reduction=_hparam(hp, path, "reduction", f"a whole number from 1 to hidden_size ({hidden})",
-                          lambda r: 1 <= r <= hidden),
-        cf_kernel=_hparam(hp, path, "cf_kernel", kernel, _odd_kernel),
-        sc_kernel=_hparam(hp, path, "sc_kernel", kernel, _odd_kernel),
-        local_kernel=_hparam(hp, path, "local_kernel", kernel + " or 0 (no local branch)",
-                             lambda k: k == 0 or _odd_kernel(k)),
-        eta_mode=hp["eta_mode"], training=_json_field(meta, path, "training", dict, default={}))
+    for key in sorted(HPARAMS):
+        problem = hparam_problem(key, hp.get(key))
+        if problem:
+            raise _refusal(path, f"hparams.{key}", problem, hp.get(key))
+    return BankConfig(family, hidden, heads, depth, tuple(layers), **hp,
+                      training=_json_field(meta, path, "training", dict, default={}))
 
 
 def expected_shapes(config: BankConfig) -> Dict[str, Tuple[int, ...]]:

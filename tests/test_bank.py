@@ -153,8 +153,8 @@ def edit_hparams(meta, **changes):
 # expected and what was found, and saying what to do.
 @pytest.mark.parametrize("change,message", [
     (lambda m: {**m, "heads": "-2"}, "field 'heads' must be a whole number from 1 to 256, found '-2'"),
-    (lambda m: edit_hparams(m, reduction=0), "field 'hparams.reduction' must be a whole number from 1 to "
-                                             r"hidden_size \(128\), found 0"),
+    (lambda m: edit_hparams(m, reduction=0), "field 'hparams.reduction' must be a whole number from 1 to 1024, "
+                                             "found 0"),
     (lambda m: edit_hparams(m, sc_kernel=2), "field 'hparams.sc_kernel' must be an odd whole number from 1 to 15, "
                                              "found 2"),
     (lambda m: {**m, "layers": json.dumps(["joint_blocks.0.attn", ""])},
@@ -261,6 +261,24 @@ def test_malformed_layer_selections_are_refused_showing_the_syntax(selection, it
 def test_a_backwards_range_is_refused():
     with pytest.raises(EDiTError, match="the range '1-0' runs backwards; write it low-high \\('0-1'\\)"):
         select_layers(SPEC.layers, "1-0")
+
+
+@pytest.mark.parametrize("hparams,message", [
+    (dict(reduction=0), "reduction 0: must be a whole number from 1 to 1024"),
+    (dict(reduction=5000), "reduction 5000: must be a whole number from 1 to 1024"),
+    (dict(sc_kernel=4), "sc_kernel 4: must be an odd whole number from 1 to 15"),
+    (dict(local_kernel=-1), r"local_kernel -1: must be an odd whole number from 1 to 15 or 0 \(no local branch\)"),
+    (dict(eta_mode="fixed"), "eta_mode 'fixed': must be one of learned, ratio"),
+])
+def test_init_refuses_hyper_parameters_a_bank_file_could_not_hold(hparams, message):
+    with pytest.raises(EDiTError, match=message):
+        init_bank(SPEC, **hparams)
+
+
+@pytest.mark.parametrize("hparams", [dict(reduction=1024), dict(local_kernel=0), dict(cf_kernel=5, sc_kernel=1)])
+def test_banks_at_the_limits_of_their_hyper_parameters_round_trip(tmp_path, hparams):
+    save_bank(init_bank(SPEC, **hparams), tmp_path / "b.safetensors")
+    assert load_bank(tmp_path / "b.safetensors").config.hparams() == {**init_bank(SPEC).config.hparams(), **hparams}
 
 
 def test_init_rejects_unknown_layers():
