@@ -270,7 +270,7 @@ async def run_batch(graph: Graph, jobs: List[Job], servers: List[str], out: Path
                         queue.put_nowait(job)  # another server takes it
                         raise
                     except asyncio.CancelledError:
-                        record(Result(job, "interrupted", url, message="stopped by Ctrl-C (taken off the server)"))
+                        record(Result(job, "interrupted", url, message="stopped by Ctrl-C; the server was asked to drop it"))
                         raise
                     files = []
                     for node_out in history.get("outputs", {}).values():
@@ -366,7 +366,7 @@ def read_prompts(path: str) -> List[str]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise WorkflowError(f"--prompts {path}: no such file") from None
+        raise WorkflowError(f"--prompts {path}: no such file; give a text file with one prompt per line") from None
     except (OSError, UnicodeDecodeError) as e:
         raise WorkflowError(f"--prompts {path}: cannot read it as UTF-8 text ({e})") from None
     return [line.strip() for line in text.splitlines() if line.strip()]

@@ -43,6 +43,9 @@ NEEDED_INPUTS = {"KSampler": ("steps",), "KSamplerAdvanced": ("steps",), "CLIPTe
                  "EDiTDistill": ("sample_steps",)}
 
 
+REEXPORT = "fix the node, or export the workflow again with 'Export (API)' in ComfyUI"
+
+
 def check_graph(graph, source: str = "the workflow"):
     """Refuse what is not an API-format graph, naming the node and what is wrong: a node
     without class_type or inputs, a link to a node that is not there, a sampler without
@@ -50,22 +53,24 @@ def check_graph(graph, source: str = "the workflow"):
     if not isinstance(graph, dict) or not graph:
         raise WorkflowError(f"{source}: expected an API-format workflow, a JSON object of nodes "
                             "(node id -> {\"class_type\", \"inputs\"}), found " +
-                            ("an empty object" if isinstance(graph, dict) else f"a JSON {type(graph).__name__}"))
+                            ("an empty object" if isinstance(graph, dict) else f"a JSON {type(graph).__name__}") +
+                            "; export the workflow with 'Export (API)' in ComfyUI")
     for node_id, node in graph.items():
         if not isinstance(node, dict) or not isinstance(node.get("class_type"), str) or not node["class_type"]:
-            raise WorkflowError(f"{source}: node {node_id} has no class_type: not an API-format workflow node "
-                                "(export the workflow with 'Export (API)' in ComfyUI)")
+            raise WorkflowError(f"{source}: node {node_id} has no class_type: not an API-format workflow node; "
+                                f"{REEXPORT}")
         where = f"{source}: node {node_id} ({node['class_type']})"
         inputs = node.get("inputs")
         if not isinstance(inputs, dict):
-            raise WorkflowError(f"{where} has no 'inputs' object" + ("" if inputs is None else
-                                                                     f" (found a JSON {type(inputs).__name__})"))
+            found = "" if inputs is None else f" (found a JSON {type(inputs).__name__})"
+            raise WorkflowError(f"{where} has no 'inputs' object{found}; {REEXPORT}")
         for name, value in inputs.items():
             if is_link(value) and value[0] not in graph:
-                raise WorkflowError(f"{where}: input {name!r} links to node {value[0]}, which is not in the workflow")
+                raise WorkflowError(f"{where}: input {name!r} links to node {value[0]}, which is not in the "
+                                    f"workflow; {REEXPORT}")
         missing = [k for k in NEEDED_INPUTS.get(node["class_type"], ()) if k not in inputs]
         if missing:
-            raise WorkflowError(f"{where} has no {', '.join(repr(k) for k in missing)} input")
+            raise WorkflowError(f"{where} has no {', '.join(repr(k) for k in missing)} input; {REEXPORT}")
 
 
 def nodes_of(graph: Graph, *class_types: str) -> List[str]:

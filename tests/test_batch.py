@@ -94,7 +94,7 @@ GOOD = json.loads(open(WORKFLOW).read())
     ({"nodes": [], "links": []}, "is a UI-format workflow; batch runs need the API format"),
     ([1, 2, 3], "expected an API-format workflow, a JSON object of nodes"),
     ({}, "expected an API-format workflow, a JSON object of nodes (node id -> {\"class_type\", \"inputs\"}), "
-         "found an empty object"),
+         "found an empty object; export the workflow with 'Export (API)' in ComfyUI"),
     ("{not json", "not a readable JSON workflow"),
 ], ids=["no-inputs", "inputs-a-list", "dangling-link", "no-steps", "no-class_type", "ui-format", "a-list", "empty",
         "not-json"])
@@ -106,6 +106,8 @@ def test_bad_workflows_get_one_error_line(tmp_path, capsys, content, message, ti
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert err.startswith(f"error: {path}") and "\n" not in err and message in err, err
+    if message.startswith("node "):
+        assert err.endswith("; fix the node, or export the workflow again with 'Export (API)' in ComfyUI"), err
     assert not (tmp_path / "out").exists()
 
 
@@ -119,7 +121,8 @@ def test_an_unreadable_workflow_file_gets_one_error_line(tmp_path, capsys):
 def test_a_missing_prompts_file_gets_one_error_line(tmp_path, capsys):
     rc = main([WORKFLOW, "--prompts", str(tmp_path / "prompts.txt")])
     assert rc == 2
-    assert capsys.readouterr().err.strip() == f"error: --prompts {tmp_path / 'prompts.txt'}: no such file"
+    assert capsys.readouterr().err.strip() == (f"error: --prompts {tmp_path / 'prompts.txt'}: no such file; give a "
+                                               "text file with one prompt per line")
 
 
 def test_help_shows_defaults_and_options_are_never_abbreviated(capsys):
