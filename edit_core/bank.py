@@ -90,6 +90,28 @@ class BankConfig:
                 f"{len(self.layers)} layers")
 
 
+def _odd_kernel(size: int) -> bool:
+    return 1 <= size <= MAX_KERNEL and size % 2 == 1
+
+
+_KERNEL = f"an odd whole number from 1 to {MAX_KERNEL}"
+HPARAM_RULES = {  # hyper-parameter: (what it must be, test)
+    "reduction": (f"a whole number from 1 to {MAX_REDUCTION}", lambda r: 1 <= r <= MAX_REDUCTION),
+    "cf_kernel": (_KERNEL, _odd_kernel),
+    "sc_kernel": (_KERNEL, _odd_kernel),
+    "local_kernel": (_KERNEL + " or 0 (no local branch)", lambda k: k == 0 or _odd_kernel(k)),
+    "eta_mode": (f"one of {', '.join(ETA_MODES)}", lambda mode: mode in ETA_MODES),
+}
+HPARAMS = set(HPARAM_RULES)
+
+
+def hparam_problem(key: str, value) -> Optional[str]:
+    """None if ``value`` is a valid ``key`` hyper-parameter, else what it must be."""
+    expected, ok = HPARAM_RULES[key]
+    kind = str if key == "eta_mode" else int
+    return None if type(value) is kind and ok(value) else expected  # type(): a JSON true is no number
+
+
 def _nested_set(root: nn.ModuleDict, name: str, module: nn.Module):
     *path, leaf = name.split(".")
     node = root
@@ -209,28 +231,6 @@ def save_bank(bank: EDiTBank, path, training: Optional[Dict] = None):
     save_file({k: v.detach().float().contiguous().cpu() for k, v in bank.tensors().items()}, str(tmp), metadata)
     os.replace(tmp, path)
     bank.config = config
-
-
-def _odd_kernel(size: int) -> bool:
-    return 1 <= size <= MAX_KERNEL and size % 2 == 1
-
-
-_KERNEL = f"an odd whole number from 1 to {MAX_KERNEL}"
-HPARAM_RULES = {  # hyper-parameter: (what it must be, test)
-    "reduction": (f"a whole number from 1 to {MAX_REDUCTION}", lambda r: 1 <= r <= MAX_REDUCTION),
-    "cf_kernel": (_KERNEL, _odd_kernel),
-    "sc_kernel": (_KERNEL, _odd_kernel),
-    "local_kernel": (_KERNEL + " or 0 (no local branch)", lambda k: k == 0 or _odd_kernel(k)),
-    "eta_mode": (f"one of {', '.join(ETA_MODES)}", lambda mode: mode in ETA_MODES),
-}
-HPARAMS = set(HPARAM_RULES)
-
-
-def hparam_problem(key: str, value) -> Optional[str]:
-    """None if ``value`` is a valid ``key`` hyper-parameter, else what it must be."""
-    expected, ok = HPARAM_RULES[key]
-    kind = str if key == "eta_mode" else int
-    return None if type(value) is kind and ok(value) else expected  # type(): a JSON true is no number
 
 
 def _refusal(path, field: str, expected: str, found) -> EDiTError:
