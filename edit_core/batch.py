@@ -313,11 +313,12 @@ async def run_batch_until_ctrl_c(*args, **kwargs) -> Tuple[List[Result], bool]:
             print("\nCtrl-C: taking this run's prompts off the server(s)...", file=sys.stderr, flush=True)
             task.cancel()
 
-    loop.add_signal_handler(signal.SIGINT, stop)
+    # signal.signal rather than loop.add_signal_handler: the latter does not exist on Windows.
+    previous = signal.signal(signal.SIGINT, lambda *_: loop.call_soon_threadsafe(stop))
     try:
         return await task, bool(stopped)
     finally:
-        loop.remove_signal_handler(signal.SIGINT)
+        signal.signal(signal.SIGINT, previous)
 
 
 def summary(results: List[Result]) -> str:
