@@ -15,7 +15,7 @@ class ApplyEDiT:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL",),
-            "edit_bank": ("EDIT_BANK", {"tooltip": "From EDiT Loader, EDiT Distill or EDiT Init From Model."}),
+            "edit_bank": (BANK, {"tooltip": "From EDiT Loader, EDiT Distill or EDiT Init From Model."}),
             "enabled": ("BOOLEAN", {"default": True, "tooltip":
                                     "Off: the model computes exactly the original (handy for A/B runs)."}),
             "layers": ("STRING", {"default": "all", "tooltip":
