@@ -13,8 +13,8 @@ from edit_core import tiny_models
 from edit_core.bank import EDiTError, init_bank
 from edit_core.comfy_model import model_spec
 from edit_core.modules import merge_heads, split_heads
-from edit_core.patcher import (STUDENT, TEACHER, EditOptions, PixArtAttentionPatch, SD3BlockPatch, apply_edit,
-                               edit_bank_of, edit_call)
+from edit_core.patcher import (STUDENT, TEACHER, EditOptions, EditState, PixArtAttentionPatch, SD3BlockPatch,
+                               apply_edit, edit_bank_of)
 from edit_core.reference import edit_attention_ref, hybrid_attention_ref
 
 from model_helpers import pixart_inputs, randomized_bank, run, sd3_inputs, sd15_patcher
@@ -125,10 +125,11 @@ def test_sd3_patched_blocks_match_float64_reference(sd3, grid, n_txt, batch):
     for i, block in enumerate(dm.joint_blocks):  # includes the pre_only last block
         layer = bank.layer(f"joint_blocks.{i}.attn")
         layer2 = bank.layer(f"joint_blocks.{i}.attn2") if block.x_block.x_block_self_attn else None
-        patch = SD3BlockPatch(block.forward, block, i, layer, layer2)
+        state = EditState()
+        patch = SD3BlockPatch(block.forward, block, i, layer, layer2, state)
         context, x, vec = torch.randn(batch, n_txt, c), torch.randn(batch, grid[0] * grid[1], c), torch.randn(batch, c)
-        with torch.no_grad(), edit_call(True, grid):
-            out_ctx, out_x = patch(context, x, c=vec, transformer_options={})
+        with torch.no_grad(), state.running(True, grid) as to:
+            out_ctx, out_x = patch(context, x, c=vec, use_checkpoint=False, transformer_options=to)
             ref_ctx, ref_x = sd3_block_reference(block, layer, layer2, context, x, vec, grid)
         assert rel_err(out_x, ref_x) < FP32_TOL
         if block.context_block.pre_only:
@@ -158,9 +159,11 @@ def test_pixart_patched_blocks_match_float64_reference(pixart, grid, batch):
     for i, block in enumerate(dm.blocks):
         layer = bank.layer(f"blocks.{i}.attn")
         x, y, t = torch.randn(batch, grid[0] * grid[1], c), torch.randn(1, batch * 12, c), torch.randn(batch, 6 * c)
-        block.attn.forward = PixArtAttentionPatch(type(block.attn).forward.__get__(block.attn), block.attn, i, layer)
+        state = EditState()
+        block.attn.forward = PixArtAttentionPatch(type(block.attn).forward.__get__(block.attn), block.attn, i, layer,
+                                                  state)
         try:
-            with torch.no_grad(), edit_call(True, grid):
+            with torch.no_grad(), state.running(True, grid):
                 out = block(x, y, t, HW=(2 * grid[0], 2 * grid[1]))
         finally:
             del block.attn.forward
@@ -177,8 +180,9 @@ def test_sd3_block_in_low_precision_matches_float64_reference(sd35, dtype):
     low = copy.deepcopy(block).to(dtype)
     grid, c = (9, 14), sd35.model.diffusion_model.hidden_size
     context, x, vec = (torch.randn(2, 20, c).to(dtype), torch.randn(2, 126, c).to(dtype), torch.randn(2, c).to(dtype))
-    with torch.no_grad(), edit_call(True, grid):
-        _, out_x = SD3BlockPatch(low.forward, low, 0, layer, layer2)(context, x, c=vec, transformer_options={})
+    state = EditState()
+    with torch.no_grad(), state.running(True, grid) as to:
+        _, out_x = SD3BlockPatch(low.forward, low, 0, layer, layer2, state)(context, x, c=vec, transformer_options=to)
         _, ref_x = sd3_block_reference(low, layer, layer2, context, x, vec, grid)
     assert out_x.dtype == dtype and torch.isfinite(out_x).all()
     # The block's own projections and MLP also run in low precision here.
