@@ -295,6 +295,51 @@ def test_lora_on_attention_projections_composes_with_edit_in_either_order(family
     assert not torch.allclose(a, edit_only, atol=1e-3)
 
 
+@pytest.mark.parametrize("family", ["sd3", "pixart"])
+def test_a_call_edits_wrapper_did_not_see_runs_the_original_and_warns_once(family, sd35, pixart, caplog):
+    base = sd35 if family == "sd3" else pixart
+    patched = apply_edit(base, randomized_bank(init_bank(model_spec(base))))
+    inputs = family_inputs(base)
+    original = run(base, inputs)
+    assert not torch.equal(run(patched, inputs), original)
+    with caplog.at_level(logging.WARNING), torch.no_grad():
+        for _ in range(2):  # apply_model without the patcher's wrappers: EDiT's wrapper never runs
+            out = patched.model.apply_model(inputs["x"], inputs["t"], c_crossattn=inputs["c_crossattn"],
+                                            y=inputs.get("y"), transformer_options={})
+            assert torch.equal(out, original)
+    assert len([r for r in caplog.records if "EDiT's wrapper did not see" in r.getMessage()]) == 1
+
+
+def query_scaling_override(calls):
+    """An attention override (ComfyUI 0.3.75's ``optimized_attention_override``) that changes
+    the result: the way to see who honours it."""
+    def override(func, *args, **kwargs):
+        calls.append(args[0].shape)
+        return func(args[0] * 0.5, *args[1:], **kwargs)
+    return override
+
+
+@pytest.mark.parametrize("family", ["sd3", "pixart"])
+def test_edit_off_and_teacher_calls_match_core_under_an_attention_override(family, sd35, pixart):
+    base = sd35 if family == "sd3" else pixart
+    calls = []
+    overridden = base.clone()
+    overridden.model_options["transformer_options"]["optimized_attention_override"] = query_scaling_override(calls)
+    bank = randomized_bank(init_bank(model_spec(base)))
+    inputs = family_inputs(base)
+    original = run(overridden, inputs)
+    patched = apply_edit(overridden, bank)
+    assert torch.equal(run(apply_edit(overridden, bank, EditOptions(enabled=False)), inputs), original)
+    assert torch.equal(run(patched, inputs, edit_mode=TEACHER), original)
+    calls.clear()
+    student = run(patched, inputs)
+    assert not torch.allclose(student, original, atol=1e-3)
+    if family == "sd3":  # core SD3 passes transformer_options to its attention; core PixArt (0.3.75) does not
+        assert not torch.equal(original, run(base, inputs)), "the override changed nothing: the test tests nothing"
+        assert calls, "EDiT's softmax parts did not go through the attention override"
+        assert not torch.equal(student, run(apply_edit(base, bank), inputs))
+
+
 def test_unsupported_model_gets_a_clear_error():
     model = sd15_patcher()
     with pytest.raises(EDiTError, match="SD3/SD3.5 .*PixArt.*UNetModel"):
