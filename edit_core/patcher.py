@@ -59,12 +59,15 @@ class EditOptions:
     start_percent, end_percent: the part of sampling where EDiT runs (ComfyUI's percent
         convention: 0 = first step); outside it the original attention runs.
     min_tokens: below this many image tokens the original attention runs (small images gain nothing).
+    compile_backend: None (the default) runs the EDiT layers eagerly; a torch.compile backend
+        name (e.g. "inductor") compiles each EDiT layer on its own, once per bank and shape.
     """
     enabled: bool = True
     layers: str = "all"
     start_percent: float = 0.0
     end_percent: float = 1.0
     min_tokens: int = 0
+    compile_backend: Optional[str] = None
 
     def __post_init__(self):
         if not 0.0 <= self.start_percent <= self.end_percent <= 1.0:
@@ -325,6 +328,7 @@ def layer_inputs(diffusion_model, name: str, inputs: Dict[str, torch.Tensor]) ->
 
 PATCH_TYPES = (SD3BlockPatch, PixArtAttentionPatch)
 BANK_PATCHERS = "_edit_model_patchers"  # attribute of a bank: its ModelPatcher per (load, offload) device
+BANK_COMPILED = "_edit_compiled_layers"  # attribute of a bank: its compiled layers per (name, backend)
 
 
 def _original(patcher, name):
@@ -342,6 +346,18 @@ def bank_model_patcher(bank: EDiTBank, load_device, offload_device):
     return patchers[key]
 
 
+def bank_layer(bank: EDiTBank, name: str, compile_backend: Optional[str]):
+    """A bank layer, compiled with ``compile_backend`` if one is given (kept on the bank, so
+    applying the bank again reuses what was compiled)."""
+    layer = bank.layer(name)
+    if compile_backend is None:
+        return layer
+    compiled = bank.__dict__.setdefault(BANK_COMPILED, {})
+    if (name, compile_backend) not in compiled:
+        compiled[name, compile_backend] = torch.compile(layer, backend=compile_backend, dynamic=False)
+    return compiled[name, compile_backend]
+
+
 def apply_edit(patcher, bank: EDiTBank, options: EditOptions = EditOptions(), source: Optional[str] = None):
     """Return a clone of ``patcher`` with EDiT attention from ``bank``. The bank is checked
     against the model first; on any error nothing is patched and the input is untouched.
@@ -357,10 +373,12 @@ def apply_edit(patcher, bank: EDiTBank, options: EditOptions = EditOptions(), so
     dm = m.get_model_object("diffusion_model")
     state = EditState()
     patches = {}
+    def layer(name):
+        return bank_layer(bank, name, options.compile_backend) if name in selected else None
+
     if spec.family == "sd3":
         for i, block in enumerate(dm.joint_blocks):
-            attn = bank.layer(f"joint_blocks.{i}.attn") if f"joint_blocks.{i}.attn" in selected else None
-            attn2 = bank.layer(f"joint_blocks.{i}.attn2") if f"joint_blocks.{i}.attn2" in selected else None
+            attn, attn2 = layer(f"joint_blocks.{i}.attn"), layer(f"joint_blocks.{i}.attn2")
             if attn is not None or attn2 is not None:
                 key = f"diffusion_model.joint_blocks.{i}.forward"
                 patches[key] = SD3BlockPatch(_original(m, key), block, i, attn, attn2, state)
@@ -368,8 +386,7 @@ def apply_edit(patcher, bank: EDiTBank, options: EditOptions = EditOptions(), so
         for i, block in enumerate(dm.blocks):
             if f"blocks.{i}.attn" in selected:
                 key = f"diffusion_model.blocks.{i}.attn.forward"
-                patches[key] = PixArtAttentionPatch(_original(m, key), block.attn, i, bank.layer(f"blocks.{i}.attn"),
-                                                    state)
+                patches[key] = PixArtAttentionPatch(_original(m, key), block.attn, i, layer(f"blocks.{i}.attn"), state)
     for key, patch in patches.items():
         m.add_object_patch(key, patch)
     m.add_wrapper_with_key(APPLY_MODEL, WRAPPER_KEY, EditWrapper(spec.family, options, state))

@@ -19,7 +19,7 @@ from edit_core.attention import linear_attention, mm_edit_attention
 from edit_core.bank import init_bank
 from edit_core.comfy_model import model_spec
 from edit_core.modules import EDiTAttention, HybridEDiTAttention
-from edit_core.patcher import STUDENT, TEACHER, apply_edit
+from edit_core.patcher import STUDENT, TEACHER, EditOptions, apply_edit
 
 from model_helpers import pixart_inputs, randomized_bank, run, sd3_inputs
 from test_attention import FP32_TOL, features, mm_inputs, rel_err
@@ -94,14 +94,21 @@ def pytorch_attention(monkeypatch):
         monkeypatch.setattr(module, "optimized_attention", comfy_attention.attention_pytorch)
 
 
-def patched_tiny_model(family):
-    if family == "sd35":  # an MMDiT-X block (joint attention + attn2) and the pre_only last block
+def tiny_model(family):
+    """(model, random bank, inputs); SD3.5: an MMDiT-X block (joint attention + attn2) and the
+    pre_only last block."""
+    if family == "sd35":
         base = tiny_models.sd3_patcher(depth=2, mmditx_layers=(0,), qk_norm=True, seed=4)
         inputs = sd3_inputs(batch=2, latent_hw=(16, 16), tokens=8)
     else:
         base = tiny_models.pixart_patcher(hidden=64, heads=2, depth=2, seed=5)
         inputs = pixart_inputs(batch=2, latent_hw=(34, 40), tokens=8)
-    return apply_edit(base, randomized_bank(init_bank(model_spec(base)))), inputs
+    return base, randomized_bank(init_bank(model_spec(base))), inputs
+
+
+def patched_tiny_model(family):
+    base, bank, inputs = tiny_model(family)
+    return apply_edit(base, bank), inputs
 
 
 def compiled_clone(patcher, backend):
@@ -145,3 +152,17 @@ def test_patched_model_under_inductor_matches_eager(family, pytorch_attention):
     eager = run(patched, inputs)
     out = run(compiled_clone(patched, "inductor"), inputs)
     assert rel_err(out, eager.double()) < FP32_TOL
+
+
+@pytest.mark.parametrize("family", ["sd35", "pixart"])
+def test_compiled_edit_layers_option(family, pytorch_attention):
+    base, bank, inputs = tiny_model(family)
+    eager = run(apply_edit(base, bank), inputs)
+    counters.clear()
+    options = EditOptions(compile_backend="eager")  # Dynamo's capture; the GPU benchmark measures inductor
+    assert torch.equal(run(apply_edit(base, bank, options), inputs), eager)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    assert torch.equal(run(apply_edit(base, bank, options), inputs), eager)  # the bank's compiled layers again
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert dict(counters["graph_break"]) == {}
