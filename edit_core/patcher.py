@@ -145,10 +145,10 @@ class EditWrapper:
         self.options = options
         self.state = state
 
-    def in_sampling_range(self, model_sampling, sigma) -> bool:
+    def in_sampling_range(self, model_sampling, sigmas) -> bool:
         if (self.options.start_percent, self.options.end_percent) == (0.0, 1.0):
             return True
-        sigma = float(sigma.reshape(-1)[0])
+        sigma = float(sigmas.reshape(-1)[0])
         return (model_sampling.percent_to_sigma(self.options.end_percent) <= sigma
                 <= model_sampling.percent_to_sigma(self.options.start_percent))
 
@@ -164,7 +164,8 @@ class EditWrapper:
         if mode is None:
             # The base model's model_sampling at call time: a sampling node may have patched it.
             student = (self.options.enabled and grid[0] * grid[1] >= self.options.min_tokens
-                       and self.in_sampling_range(executor.class_obj.model_sampling, to.get("sigmas", t)))
+                       and self.in_sampling_range(executor.class_obj.model_sampling,
+                                                  t if to.get("sigmas") is None else to["sigmas"]))
         else:
             student = mode == STUDENT
         with self.state.running(student, grid, to.get("edit_capture"), to) as call_options:
