@@ -14,8 +14,8 @@ from edit_core.bank import EDiTError, init_bank
 from edit_core.comfy_model import model_spec
 from edit_core.modules import merge_heads, split_heads
 from edit_core.patcher import (STUDENT, TEACHER, EditOptions, EditState, PixArtAttentionPatch, SD3BlockPatch,
-                               apply_edit, edit_bank_of)
-from edit_core.reference import edit_attention_ref, hybrid_attention_ref
+                               apply_edit, call_model, edit_bank_of, layer_inputs)
+from edit_core.reference import edit_attention_ref, hybrid_attention_ref, softmax_attention_ref
 
 from model_helpers import pixart_inputs, randomized_bank, run, sd3_inputs, sd15_patcher
 from test_attention import FP32_TOL, rel_err
@@ -338,6 +338,25 @@ def test_edit_off_and_teacher_calls_match_core_under_an_attention_override(famil
         assert not torch.equal(original, run(base, inputs)), "the override changed nothing: the test tests nothing"
         assert calls, "EDiT's softmax parts did not go through the attention override"
         assert not torch.equal(student, run(apply_edit(base, bank), inputs))
+
+
+def test_pixart_teacher_capture_runs_core_and_records_its_attention_output(pixart):
+    patched = apply_edit(pixart, randomized_bank(init_bank(model_spec(pixart))))
+    inputs = pixart_inputs()
+    original = run(pixart, inputs)
+    captured = {}
+    comfy.model_management.load_models_gpu([patched])  # call_model calls a loaded model
+    with torch.no_grad():
+        out = call_model(patched, inputs["x"], inputs["t"], {"c_crossattn": inputs["c_crossattn"]}, TEACHER,
+                         lambda name, grid, tensors: captured.__setitem__(name, (grid, tensors)))
+    assert torch.equal(out, original)
+    assert sorted(captured) == ["blocks.0.attn", "blocks.1.attn"]
+    heads = model_spec(pixart).heads
+    for name, (grid, tensors) in captured.items():
+        assert grid == (17, 25)
+        x = layer_inputs(pixart.model.diffusion_model, name, tensors)
+        reference = merge_heads(softmax_attention_ref(*(split_heads(x[n], heads) for n in ("q", "k", "v"))))
+        assert rel_err(tensors["out"], reference) < FP32_TOL, name
 
 
 def test_unsupported_model_gets_a_clear_error():
