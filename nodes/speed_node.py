@@ -7,7 +7,8 @@ from ..edit_core.speed import speed_test
 
 class EDiTSpeedTest:
     DESCRIPTION = ("Times one call of the whole transformer with the original attention and with EDiT, at a chosen "
-                   "resolution on the current device, and reports both (random inputs, same run).")
+                   "resolution on the current device, and reports both (random inputs, same run). The model and its "
+                   "EDiT bank are loaded on the device first; each gets an untimed warm-up call.")
     CATEGORY = "EDiT/benchmark"
     RETURN_TYPES = ("IMAGE", "STRING")
     RETURN_NAMES = ("report_image", "report")
