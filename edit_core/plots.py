@@ -22,14 +22,14 @@ def _font(size=14):
 
 
 def _fmt(v: float) -> str:
-    """Plain numbers where they fit (4096, 0.05, 2.5; 65,536), exponents only far out."""
+    """Plain numbers where they fit (4096, 0.05, 2.5, 30,000), exponents only far out."""
     if v == 0:
         return "0"
     a = abs(v)
     if a >= 1e7 or a < 1e-3:
         return f"{v:.1e}"
     if a >= 100 or float(v).is_integer():
-        return f"{v:,.0f}" if a >= 1e5 else f"{v:.0f}"
+        return f"{v:,.0f}" if a >= 1e4 else f"{v:.0f}"
     return f"{v:.3g}"
 
 
@@ -98,7 +98,7 @@ def line_chart(title: str, series: Dict[str, Tuple[Sequence[float], Sequence[flo
             xx, _ = px(v, y0)
             d.line([xx, t, xx, H - b], fill=(230, 230, 230))
             d.line([xx, H - b, xx, H - b + 4], fill="black")
-            d.text((xx, H - b + 6), _fmt(v), fill="black", font=f, anchor="mt")
+            d.text((xx, H - b + 10), _fmt(v), fill="black", font=f, anchor="mt")
     for i, (name, p) in enumerate(pts.items()):
         color = PALETTE[i % len(PALETTE)]
         xy = [px(x, y) for x, y in p]
@@ -114,7 +114,8 @@ def line_chart(title: str, series: Dict[str, Tuple[Sequence[float], Sequence[flo
         if len(xy) <= 40:
             for x, y in xy:
                 d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-        d.line([l + 10, t + 12 + 18 * i, l + 30, t + 12 + 18 * i], fill=color, width=3)
+        for a, e in (((10, 17), (23, 30)) if name in dashed else ((10, 30),)):
+            d.line([l + a, t + 12 + 18 * i, l + e, t + 12 + 18 * i], fill=color, width=3)
         d.text((l + 36, t + 12 + 18 * i), name, fill="black", font=f, anchor="lm")
     d.text((W / 2, 20), title, fill="black", font=_font(18), anchor="mm")
     d.text((W / 2, H - 18), xlabel + (" (log)" if log_x else ""), fill="black", font=f, anchor="mm")

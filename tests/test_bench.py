@@ -114,7 +114,7 @@ def test_tiny_preset_is_small_and_explicit_options_win():
 
 
 def test_plot_labels_every_tick_on_both_axes():
-    assert [_fmt(v) for v in (4096, 512, 65536, 250000, 2.5, 0.05, 1e-5)] == ["4096", "512", "65536", "250,000",
+    assert [_fmt(v) for v in (4096, 512, 65536, 250000, 2.5, 0.05, 1e-5)] == ["4096", "512", "65,536", "250,000",
                                                                               "2.5", "0.05", "1.0e-05"]
     assert _ticks(1.6, 9.0, log=True) == [1.0, 2.0, 5.0, 10.0]  # inside one decade: still labelled
     assert len(_ticks(0.5, 2e5, log=True)) <= 8
@@ -123,7 +123,7 @@ def test_plot_labels_every_tick_on_both_axes():
                      x_ticks=pxs)
     a = np.asarray(img.convert("L"))
     left, top, right, bottom = MARGIN
-    below_axis = a[H - bottom + 6:H - bottom + 22]
+    below_axis = a[H - bottom + 8:H - bottom + 28]
     for i in range(len(pxs)):  # a label under each resolution
         x = int(left + i / (len(pxs) - 1) * (W - left - right))
         assert (below_axis[:, max(0, x - 12):x + 12] < 128).sum() > 10, pxs[i]

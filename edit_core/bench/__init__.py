@@ -100,7 +100,8 @@ def run_benchmark(levels: Sequence[str] = LEVELS, families: Sequence[str] = FAMI
 
 
 def _name(p: Point, compiled: Optional[str]) -> str:
-    return f"{p.level}{' ' + compiled if compiled else ''} {p.family} {p.px} px b{p.batch} p{p.prompt}"
+    mode = f" compiled ({compiled})" if compiled else ""
+    return f"{p.level}{mode} {p.family} {p.px} px b{p.batch} p{p.prompt}"
 
 
 def _load() -> str:
@@ -117,7 +118,8 @@ def _line(r: Row) -> str:
     if r.fraction is not None:
         s += f"; bound {r.median('bound'):.3f} s ({r.bound_speedup:.2f}x), {r.fraction:.0%} of it"
     if r.compiled:
-        s += "; graph breaks b/e/z " + "/".join(str(r.graph_breaks.get(n)) for n in ("baseline", "edit", "bound"))
+        for what, values in (("graph breaks", r.graph_breaks), ("recompiles", r.recompiles)):
+            s += f"; {what} b/e/z " + "/".join(str(values.get(n)) for n in ("baseline", "edit", "bound"))
     return s
 
 

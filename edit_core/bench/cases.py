@@ -172,21 +172,25 @@ class FirstBlockProbe:
 
 
 class GraphBreakCounter:
-    """Graph breaks and graphs Dynamo reports while a compiled variant runs for the first time."""
+    """What Dynamo reports while a compiled variant runs: graph breaks and graphs compiled in
+    its first call, and graphs compiled in later calls (recompiles: each one means a warm call
+    did not reuse the compiled code)."""
 
     def __init__(self, fn: Callable[[], object]):
         self.fn = fn
         self.graph_breaks: Optional[int] = None
         self.graphs: Optional[int] = None
+        self.recompiles = 0
 
     def __call__(self):
-        if self.graph_breaks is not None:
-            return self.fn()
         counters = torch._dynamo.utils.counters
         breaks, graphs = sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
         out = self.fn()
-        self.graph_breaks = sum(counters["graph_break"].values()) - breaks
-        self.graphs = counters["stats"]["unique_graphs"] - graphs
+        if self.graph_breaks is None:
+            self.graph_breaks = sum(counters["graph_break"].values()) - breaks
+            self.graphs = counters["stats"]["unique_graphs"] - graphs
+        else:
+            self.recompiles += counters["stats"]["unique_graphs"] - graphs
         return out
 
 

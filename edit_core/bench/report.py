@@ -34,6 +34,7 @@ class Row:
     graph_breaks: Dict[str, Optional[int]] = field(default_factory=dict)  # per variant, its first run
     graphs: Dict[str, Optional[int]] = field(default_factory=dict)        # graphs compiled in that run
     first_run_s: Dict[str, Optional[float]] = field(default_factory=dict)  # compiled: first call, compile included
+    recompiles: Dict[str, int] = field(default_factory=dict)  # compiled: graphs compiled after the first call
 
     @classmethod
     def of(cls, point, meas: Dict[str, Measurement], extras=None, compiled: Optional[str] = None):
@@ -45,7 +46,8 @@ class Row:
                    {n: m.cuda_peak_bytes for n, m in meas.items()}, {n: m.cold for n, m in meas.items()},
                    zero_cost.skipped if zero_cost else 0, zero_cost.passed if zero_cost else 0, compiled,
                    {n: c.graph_breaks for n, c in counters.items()}, {n: c.graphs for n, c in counters.items()},
-                   {n: m.first_run_s for n, m in meas.items()} if compiled else {})
+                   {n: m.first_run_s for n, m in meas.items()} if compiled else {},
+                   {n: c.recompiles for n, c in counters.items()})
 
     @property
     def mode(self) -> str:
@@ -132,7 +134,7 @@ def table(rows: Sequence[Row]) -> str:
     compiled = any(r.compiled for r in rows)
     cols = ([COLUMNS[0], "mode"] if compiled else COLUMNS[:1]) + COLUMNS[1:]
     cols += (["CUDA peak MiB base/EDiT/bound"] if cuda else [])
-    cols += ["graph breaks b/e/z", "first call s b/e/z"] if compiled else []
+    cols += ["graph breaks b/e/z", "recompiles b/e/z", "first call s b/e/z"] if compiled else []
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = [r.level] + ([r.mode] if compiled else []) + [
@@ -143,8 +145,8 @@ def table(rows: Sequence[Row]) -> str:
         if cuda:
             cells.append(_per_variant(r.cuda_peak_bytes, _mib))
         if compiled:
-            cells += [_per_variant(r.graph_breaks), _per_variant(r.first_run_s, lambda v: f"{v:.1f}")] \
-                if r.compiled else ["", ""]
+            cells += [_per_variant(r.graph_breaks), _per_variant(r.recompiles),
+                      _per_variant(r.first_run_s, lambda v: f"{v:.1f}")] if r.compiled else ["", "", ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -259,7 +261,9 @@ def write(rows: Sequence[Row], folder, settings: Dict, device: str) -> Dict[str,
     md = ["# EDiT benchmark", "", "Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()), "",
           "Settings: " + "; ".join(f"{k} {v}" for k, v in settings.items()), "", table(rows), "",
           "Runs b/e/z: timed runs of baseline / EDiT / bound; * = one run longer than the time budget, "
-          "timed without further warm-up.", "", "## Targets (issue 5)", ""]
+          "timed without further warm-up. Compiled rows: graph breaks and graphs in the first call; recompiles = "
+          "graphs compiled again in later (timed or warm-up) calls of the same point, which then include "
+          "compilation time.", "", "## Targets (issue 5)", ""]
     tiny = any("TINY" in str(v) for v in settings.values())  # merged runs keep settings per folder
     if tiny:  # the targets are about the real widths
         md += ["- not checked: tiny widths (a smoke test of the machinery)"]
