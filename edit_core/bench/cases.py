@@ -37,7 +37,7 @@ from ..comfy_model import model_spec
 from ..modules import split_heads
 from ..patcher import STUDENT, TEACHER, apply_edit, call_model, pixart_qkv, sd3_pre_attention
 from ..speed import model_inputs, sync
-from ..tiny_models import PIXART_CONTEXT_DIM, SD3_CONTEXT_DIM, SD3_POOLED_DIM, pixart_unet_config, randomize_
+from ..tiny_models import SD3_CONTEXT_DIM, SD3_POOLED_DIM, pixart_unet_config, randomize_
 from .backends import SDPA, ZeroCostAttention, use_attention
 
 FAMILIES = ("sd35", "pixart")
