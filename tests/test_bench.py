@@ -23,8 +23,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_tiny_benchmark_writes_table_json_and_plots_for_every_level(tmp_path):
+    threads = torch.get_num_threads()
     rows, paths = run_benchmark(resolutions=[384], batches=[1, 2], prompts=[7], repeats=2, budget=5.0,
-                                out=tmp_path, tiny=True, log=lambda s: None)
+                                out=tmp_path, threads=1, tiny=True, log=lambda s: None)
+    assert torch.get_num_threads() == threads  # the run's thread count is undone
     assert all(r.compiled is None for r in rows)
     assert {(r.level, r.family) for r in rows} == {(lv, f) for lv in ("attention", "block", "model")
                                                    for f in ("sd35", "pixart")}

@@ -44,15 +44,26 @@ def run_benchmark(levels: Sequence[str] = LEVELS, families: Sequence[str] = FAMI
 
     Defaults: CUDA in bf16 when present, else CPU in float32; model depth 2 on CPU, the
     real depth on CUDA; torch's own thread count. ``tiny`` swaps the real widths for tiny
-    ones: a smoke test of the machinery, not a benchmark. ``compile_backends``: the model
-    level runs again under ComfyUI's torch.compile wrapper with each backend (``eager=False``:
-    only compiled at the model level). ``deadline``
-    (a ``time.time()`` value): points not started by then are skipped and listed in the
+    ones: a smoke test of the machinery, not a benchmark. ``threads`` holds for this run only.
+    ``compile_backends``: the model level runs again under ComfyUI's torch.compile wrapper
+    with each backend (``eager=False``: only compiled at the model level). ``deadline`` (a
+    ``time.time()`` value): points not started by then are skipped and listed in the
     settings as such."""
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    threads_before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
+    try:
+        return _run(levels, families, resolutions, batches, prompts, repeats, warmup, budget, depth, device, dtype, out,
+                    tiny, log, compile_backends, eager, deadline)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(levels, families, resolutions, batches, prompts, repeats, warmup, budget, depth, device, dtype, out, tiny, log,
+         compile_backends, eager, deadline):
+    """run_benchmark's grid, its device, dtype and threads settled."""
     settings = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
                 "repeats": repeats, "warm-up": warmup, "budget s": budget, "load average at start": _load()}
     if "model" in levels:

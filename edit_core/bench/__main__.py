@@ -12,8 +12,10 @@ from .report import merge
 
 QUICK = dict(levels=["block"], resolutions=[512, 1024], batches=[1], prompts=[154], repeats=3, budget=20.0)
 # The smoke test: every level and family, two small images (PixArt needs >= 384 px: its position
-# embedding divides by the size rounded to 512 px steps), one timed run each (well under a minute).
-TINY = dict(levels=list(LEVELS), resolutions=[384, 512], batches=[1], prompts=[16], repeats=1, warmup=1, budget=5.0)
+# embedding divides by the size rounded to 512 px steps), one timed run each, one torch thread
+# (tiny ops on a busy machine otherwise wait on their thread pool): well under a minute.
+TINY = dict(levels=list(LEVELS), resolutions=[384, 512], batches=[1], prompts=[16], repeats=1, warmup=1, budget=5.0,
+            threads=1)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -75,7 +77,7 @@ def main(argv=None):
         print(f"tiny smoke test (tiny widths; timings mean nothing): levels {' '.join(args.levels)}; families "
               f"{' '.join(args.families)}; {' '.join(map(str, args.resolutions))} px; batch "
               f"{' '.join(map(str, args.batches))}; prompt {' '.join(map(str, args.prompts))} tokens; "
-              f"{args.repeats} timed run(s) per variant")
+              f"{args.repeats} timed run(s) per variant; {args.threads or 'default'} torch thread(s)")
     t0 = time.time()
     rows, paths = run_benchmark(args.levels, args.families, args.resolutions, args.batches, args.prompts, args.repeats,
                                 args.warmup, args.budget, args.depth, args.device,

@@ -26,13 +26,14 @@ from . import FAMILIES, run_benchmark
 from .options import list_option
 from .report import machine, merge
 
+# The CPU smoke runs on one torch thread: tiny ops on a busy machine wait on their thread pool.
 # Compiled: one point per model by default. Each new shape compiles baseline, EDiT and bound again
 # (inductor on a 24-block model: minutes, not measured yet), which the 8 minutes cannot hold for six.
 GPU = dict(resolutions=[1024, 2048, 4096], batches=[1, 2], prompts=[154], repeats=3, warmup=2, budget=10.0,
-           tiny=False, device="cuda", dtype=torch.bfloat16, depth=None, compiled_resolutions=[2048],
+           tiny=False, device="cuda", dtype=torch.bfloat16, depth=None, threads=None, compiled_resolutions=[2048],
            compiled_batches=[2])
 CPU_SMOKE = dict(resolutions=[384, 512], batches=[1, 2], prompts=[16], repeats=1, warmup=1, budget=5.0,
-                 tiny=True, device="cpu", dtype=torch.float32, depth=2, compiled_resolutions=None,
+                 tiny=True, device="cpu", dtype=torch.float32, depth=2, threads=1, compiled_resolutions=None,
                  compiled_batches=None)
 STAGES = (("model_eager", ["model"], False), ("block_eager", ["block"], False), ("model_compiled", ["model"], True))
 
@@ -75,9 +76,9 @@ def main(argv=None):
         batches = (compiled and grid["compiled_batches"]) or grid["batches"]
         deadline = start + args.time_limit - (args.compile_reserve if compiled else 0.0)
         run_benchmark(levels, args.families, resolutions, batches, grid["prompts"], grid["repeats"], grid["warmup"],
-                      grid["budget"], grid["depth"], grid["device"], grid["dtype"], out / name, tiny=grid["tiny"],
-                      compile_backends=[args.compile_backend] if compiled else (), eager=not compiled,
-                      deadline=deadline, log=lambda s: print(s, flush=True))
+                      grid["budget"], grid["depth"], grid["device"], grid["dtype"], out / name, grid["threads"],
+                      tiny=grid["tiny"], compile_backends=[args.compile_backend] if compiled else (),
+                      eager=not compiled, deadline=deadline, log=lambda s: print(s, flush=True))
         done.append(out / name)
         paths = merge(done, out, grid["device"])
         print(f"merged report: {paths['table']}", flush=True)

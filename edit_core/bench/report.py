@@ -261,9 +261,10 @@ def write(rows: Sequence[Row], folder, settings: Dict, device: str) -> Dict[str,
     md = ["# EDiT benchmark", "", "Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()), "",
           "Settings: " + "; ".join(f"{k} {v}" for k, v in settings.items()), "", table(rows), "",
           "Runs b/e/z: timed runs of baseline / EDiT / bound; * = one run longer than the time budget, "
-          "timed without further warm-up. Compiled rows: graph breaks and graphs in the first call; recompiles = "
-          "graphs compiled again in later (timed or warm-up) calls of the same point, which then include "
-          "compilation time.", "", "## Targets (issue 5)", ""]
+          "timed without further warm-up. Compiled rows: graph breaks in the first call; recompiles = graphs "
+          "compiled again in later calls of the same point (the second call is never timed: it may recompile, as "
+          "the bound does once per shape when its zero-tensor cache fills); first call = its time, compilation "
+          "included.", "", "## Targets (issue 5)", ""]
     tiny = any("TINY" in str(v) for v in settings.values())  # merged runs keep settings per folder
     if tiny:  # the targets are about the real widths
         md += ["- not checked: tiny widths (a smoke test of the machinery)"]

@@ -3,7 +3,8 @@
 Each variant first runs once under ``measure_peak`` (peak extra tensor memory; the CUDA
 allocator's peak too on a GPU): that run is its first warm-up. Compiled code cannot run under
 the tensor counter (a dispatch mode), so with ``count_tensors=False`` only the CUDA allocator's
-peak is taken, on the call after the first one (which compiles, and is timed as such). A variant that returns a float has timed itself (the block level: one block
+peak is taken, on the third call (the first compiles, and is timed as such; the second may
+compile again or record a CUDA graph). A variant that returns a float has timed itself (the block level: one block
 inside a model call) and that time is used instead of the call's. The remaining warm-ups and
 the timed repeats then go round robin (baseline, edit, bound, baseline, ...), so load from
 other processes hits all variants alike and their ratios stay meaningful. A variant gets as
@@ -69,11 +70,14 @@ def measure(variants: Dict[str, Callable[[], object]], device, repeats: int = 5,
     out = {name: Measurement() for name in variants}
     last = {}
     for name, fn in variants.items():
-        if not count_tensors:  # compiled: the first call compiles; memory is measured on the next
+        if not count_tensors:
+            # Compiled: the first call compiles, the second may compile again (a guard on state the
+            # first call changed, e.g. the bound's zero-tensor cache) or record a CUDA graph.
             t0 = time.perf_counter()
             fn()
             sync(device)
             out[name].first_run_s = time.perf_counter() - t0
+            fn()
         result = []
         t0 = time.perf_counter()
         peak = (measure_peak if count_tensors else allocator_peak)(lambda: result.append(fn()), device)
