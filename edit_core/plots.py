@@ -47,13 +47,13 @@ def _ticks(lo: float, hi: float, log: bool) -> List[float]:
                 return vals
         step = max(1, math.ceil((hi_e - lo_e) / 8))
         return [10.0 ** e for e in range(lo_e, hi_e + 1, step)]
-    step = 10 ** math.floor(math.log10(max(hi - lo, 1e-12)))
+    step = 10 ** (math.floor(math.log10(max(hi - lo, 1e-12))) - 1)
     for m in (1, 2, 5, 10):
         if (hi - lo) / (step * m) <= 6:
             step *= m
             break
     start = math.floor(lo / step) * step
-    return [start + i * step for i in range(int((hi - start) / step) + 2)]
+    return [start + i * step for i in range(math.ceil((hi - start) / step - 1e-9) + 1)]
 
 
 def line_chart(title: str, series: Dict[str, Tuple[Sequence[float], Sequence[float]]], xlabel: str, ylabel: str,
