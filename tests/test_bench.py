@@ -6,6 +6,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import comfy.model_management
 import numpy as np
 import pytest
 import torch
@@ -16,6 +17,7 @@ from edit_core.bench.backends import SDPA, ZeroCostAttention
 from edit_core.bench.cases import Case, Point
 from edit_core.bench.report import merge
 from edit_core.memory import measure_peak
+from edit_core.patcher import edit_bank_of
 from edit_core.modules import HybridEDiTAttention
 from edit_core.plots import H, MARGIN, W, _fmt, _ticks, line_chart
 
@@ -93,6 +95,9 @@ def test_block_level_times_block_0_of_a_patched_model_call_and_stops_there(monke
                 assert counter.skipped == 0 and counter.passed > 0
         assert extras["bound"].skipped == 2
         assert later == []  # every call stopped after block 0
+        # The bank was loaded with the model, as a sampler loads it.
+        bank = edit_bank_of(case.patcher)
+        assert any(m.model.model is bank for m in comfy.model_management.current_loaded_models)
     finally:
         case.close()
 

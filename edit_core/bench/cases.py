@@ -261,7 +261,9 @@ class Case:
         self.patcher = apply_edit(base, randomize_(init_bank(model_spec(base)), seed + 1))
         if compile_backend:
             self.patcher = compiled_clone(self.patcher, compile_backend)
-        comfy.model_management.load_models_gpu([self.patcher])
+        # As a sampler loads it: with its additional models, the bank among them (else the bank's
+        # weights would stay on the CPU and be copied to the GPU in every call).
+        comfy.model_management.load_models_gpu([self.patcher] + self.patcher.get_nested_additional_models())
         if level == "block":
             dm = self.patcher.model.diffusion_model
             self.probe = FirstBlockProbe(dm.joint_blocks[0] if family == "sd35" else dm.blocks[0], self.device)
