@@ -22,29 +22,46 @@ def _font(size=14):
 
 
 def _fmt(v: float) -> str:
+    """Plain numbers where they fit (4096, 0.05, 2.5, 30,000), exponents only far out."""
     if v == 0:
         return "0"
     a = abs(v)
-    if a >= 1e4 or a < 1e-2:
+    if a >= 1e7 or a < 1e-3:
         return f"{v:.1e}"
+    if a >= 100 or float(v).is_integer():
+        return f"{v:,.0f}" if a >= 1e4 else f"{v:.0f}"
     return f"{v:.3g}"
 
 
 def _ticks(lo: float, hi: float, log: bool) -> List[float]:
+    """Round tick values covering [lo, hi]: 1-2-5 steps (log: per decade, thinned to at most
+    about 8), so a range inside one decade still gets labelled ticks."""
     if log:
-        return [10.0 ** e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)]
-    step = 10 ** math.floor(math.log10(max(hi - lo, 1e-12)))
+        lo_e, hi_e = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+        for mantissas in ((1, 2, 5), (1, 3), (1,)):
+            vals = [m * 10.0 ** e for e in range(lo_e, hi_e + 1) for m in mantissas]
+            below = max([v for v in vals if v <= lo], default=vals[0])
+            above = min([v for v in vals if v >= hi], default=vals[-1])
+            vals = [v for v in vals if below <= v <= above]
+            if len(vals) <= 8:
+                return vals
+        step = max(1, math.ceil((hi_e - lo_e) / 8))
+        return [10.0 ** e for e in range(lo_e, hi_e + 1, step)]
+    step = 10 ** (math.floor(math.log10(max(hi - lo, 1e-12))) - 1)
     for m in (1, 2, 5, 10):
         if (hi - lo) / (step * m) <= 6:
             step *= m
             break
     start = math.floor(lo / step) * step
-    return [start + i * step for i in range(int((hi - start) / step) + 2)]
+    return [start + i * step for i in range(math.ceil((hi - start) / step - 1e-9) + 1)]
 
 
 def line_chart(title: str, series: Dict[str, Tuple[Sequence[float], Sequence[float]]], xlabel: str, ylabel: str,
-               log_x: bool = False, log_y: bool = False, dashed: Sequence[str] = ()) -> Image.Image:
-    """Lines (with markers) on shared axes; log scales drop non-positive points."""
+               log_x: bool = False, log_y: bool = False, dashed: Sequence[str] = (),
+               x_ticks: Optional[Sequence[float]] = None) -> Image.Image:
+    """Lines (with markers) on shared axes, every tick labelled; log scales drop non-positive
+    points and span whole ticks. ``x_ticks``: the x values to label (e.g. the resolutions
+    measured) instead of round numbers."""
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     pts = {k: [(x, y) for x, y in zip(xs, ys) if (x > 0 or not log_x) and (y > 0 or not log_y)
@@ -57,8 +74,9 @@ def line_chart(title: str, series: Dict[str, Tuple[Sequence[float], Sequence[flo
     y0, y1 = min(ally), max(ally)
     if not log_y:
         y0 = min(y0, 0.0)
-    xt, yt = _ticks(x0, x1, log_x), _ticks(y0, y1, log_y)
-    x0, x1 = (min(x0, xt[0]), max(x1, xt[-1])) if not log_x else (x0, x1)
+    xt = sorted(x_ticks) if x_ticks else _ticks(x0, x1, log_x)
+    yt = _ticks(y0, y1, log_y)
+    x0, x1 = min(x0, xt[0]), max(x1, xt[-1])
     y0, y1 = min(y0, yt[0]), max(y1, yt[-1])
     l, t, r, b = MARGIN
     span_x = (tx(x1) - tx(x0)) or 1.0
@@ -73,12 +91,14 @@ def line_chart(title: str, series: Dict[str, Tuple[Sequence[float], Sequence[flo
         if y0 <= v <= y1:
             _, yy = px(x0, v)
             d.line([l, yy, W - r, yy], fill=(230, 230, 230))
+            d.line([l - 4, yy, l, yy], fill="black")
             d.text((l - 6, yy), _fmt(v), fill="black", font=f, anchor="rm")
     for v in xt:
         if x0 <= v <= x1:
-            xx, _ = px(v, y0 if not log_y else y0)
+            xx, _ = px(v, y0)
             d.line([xx, t, xx, H - b], fill=(230, 230, 230))
-            d.text((xx, H - b + 6), _fmt(v), fill="black", font=f, anchor="mt")
+            d.line([xx, H - b, xx, H - b + 4], fill="black")
+            d.text((xx, H - b + 10), _fmt(v), fill="black", font=f, anchor="mt")
     for i, (name, p) in enumerate(pts.items()):
         color = PALETTE[i % len(PALETTE)]
         xy = [px(x, y) for x, y in p]
@@ -94,7 +114,8 @@ def line_chart(title: str, series: Dict[str, Tuple[Sequence[float], Sequence[flo
         if len(xy) <= 40:
             for x, y in xy:
                 d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-        d.line([l + 10, t + 12 + 18 * i, l + 30, t + 12 + 18 * i], fill=color, width=3)
+        for a, e in (((10, 17), (23, 30)) if name in dashed else ((10, 30),)):
+            d.line([l + a, t + 12 + 18 * i, l + e, t + 12 + 18 * i], fill=color, width=3)
         d.text((l + 36, t + 12 + 18 * i), name, fill="black", font=f, anchor="lm")
     d.text((W / 2, 20), title, fill="black", font=_font(18), anchor="mm")
     d.text((W / 2, H - 18), xlabel + (" (log)" if log_x else ""), fill="black", font=f, anchor="mm")

@@ -12,6 +12,7 @@ setup_comfy()
 
 import gc  # noqa: E402
 import os  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable, Optional, Sequence  # noqa: E402
 
@@ -36,45 +37,82 @@ def run_benchmark(levels: Sequence[str] = LEVELS, families: Sequence[str] = FAMI
                   resolutions: Sequence[int] = RESOLUTIONS, batches: Sequence[int] = BATCHES,
                   prompts: Sequence[int] = PROMPTS, repeats: int = 5, warmup: int = 1, budget: float = 60.0,
                   depth: Optional[int] = None, device=None, dtype=None, out="results", threads: Optional[int] = None,
-                  tiny: bool = False, log: Callable[[str], None] = print):
+                  tiny: bool = False, log: Callable[[str], None] = print, compile_backends: Sequence[str] = (),
+                  eager: bool = True, deadline: Optional[float] = None):
     """Run the grid; write results.md, results.json and PNG plots to ``out`` (rewritten
     after every point, so an interrupted run keeps what it measured). Returns (rows, paths).
 
     Defaults: CUDA in bf16 when present, else CPU in float32; model depth 2 on CPU, the
     real depth on CUDA; torch's own thread count. ``tiny`` swaps the real widths for tiny
-    ones: a smoke test of the machinery, not a benchmark."""
+    ones: a smoke test of the machinery, not a benchmark. ``threads`` holds for this run only.
+    ``compile_backends``: the model level runs again under ComfyUI's torch.compile wrapper
+    with each backend (``eager=False``: only compiled at the model level). ``deadline`` (a
+    ``time.time()`` value): points not started by then are skipped and listed in the
+    settings as such."""
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    threads_before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
+    try:
+        return _run(levels, families, resolutions, batches, prompts, repeats, warmup, budget, depth, device, dtype, out,
+                    tiny, log, compile_backends, eager, deadline)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(levels, families, resolutions, batches, prompts, repeats, warmup, budget, depth, device, dtype, out, tiny, log,
+         compile_backends, eager, deadline):
+    """run_benchmark's grid, its device, dtype and threads settled."""
     settings = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
                 "repeats": repeats, "warm-up": warmup, "budget s": budget, "load average at start": _load()}
     if "model" in levels:
         settings["model depth"] = depth or ("2" if device.type == "cpu" or tiny else "full")
+        if compile_backends:
+            settings["compiled"] = ", ".join(compile_backends) + " (model level; ComfyUI's TorchCompileModel path)"
     if tiny:
         settings["widths"] = "TINY (smoke test, not a benchmark)"
+    skipped = []
     rows, paths = [], {}
     for level in levels:
-        for family in families:
-            d = depth or (2 if device.type == "cpu" or tiny else REAL[family]["depth"])
-            case = Case(family, level, dtype, device, depth=d, tiny=tiny)
-            log(f"== {level} / {case.describe()} on {device} ({settings['dtype']})")
-            for px in resolutions:
-                for batch in batches:
-                    for prompt in prompts:
-                        point = Point(family, level, px, batch, prompt)
-                        variants, zeros = case.variants(point)
-                        meas = measure(variants, device, repeats, warmup, budget)
-                        rows.append(Row.of(point, meas, zeros.get("bound")))
-                        log(_line(rows[-1]))
-                        del variants, zeros, meas
-                        settings["load average at end"] = _load()
-                        paths = write(rows, out, settings, str(device))
-            del case
-            gc.collect()
-            comfy.model_management.unload_all_models()
-            comfy.model_management.soft_empty_cache()
+        modes = ([None] if eager or level != "model" else []) + (list(compile_backends) if level == "model" else [])
+        for compiled in modes:
+            for family in families:
+                points = [Point(family, level, px, b, p) for px in resolutions for b in batches for p in prompts]
+                if deadline is not None and time.time() >= deadline:
+                    skipped += [_name(pt, compiled) for pt in points]
+                    continue
+                d = depth or (2 if device.type == "cpu" or tiny else REAL[family]["depth"])
+                case = Case(family, level, dtype, device, depth=d, tiny=tiny, compile_backend=compiled)
+                log(f"== {level} / {case.describe()} on {device} ({settings['dtype']})")
+                for point in points:
+                    if deadline is not None and time.time() >= deadline:
+                        skipped.append(_name(point, compiled))
+                        continue
+                    variants, extras = case.variants(point)
+                    meas = measure(variants, device, repeats, warmup, budget, count_tensors=not compiled)
+                    rows.append(Row.of(point, meas, extras, compiled))
+                    log(_line(rows[-1]))
+                    del variants, extras, meas
+                    settings["load average at end"] = _load()
+                    if skipped:
+                        settings["skipped (time limit)"] = "; ".join(skipped)
+                    paths = write(rows, out, settings, str(device))
+                case.close()
+                del case
+                gc.collect()
+                comfy.model_management.unload_all_models()
+                comfy.model_management.soft_empty_cache()
+    if skipped:
+        settings["skipped (time limit)"] = "; ".join(skipped)
+        log(f"time limit reached: skipped {len(skipped)} points")
+    paths = write(rows, out, settings, str(device))
     return rows, paths
+
+
+def _name(p: Point, compiled: Optional[str]) -> str:
+    mode = f" compiled ({compiled})" if compiled else ""
+    return f"{p.level}{mode} {p.family} {p.px} px b{p.batch} p{p.prompt}"
 
 
 def _load() -> str:
@@ -86,10 +124,13 @@ def _load() -> str:
 
 
 def _line(r: Row) -> str:
-    s = (f"{r.level} {r.family} {r.px} px ({r.tokens} tokens) b{r.batch} p{r.prompt}: baseline "
+    s = (f"{r.level}{' ' + r.mode if r.compiled else ''} {r.family} {r.px} px ({r.tokens} tokens) b{r.batch} p{r.prompt}: baseline "
          f"{r.median('baseline'):.3f} s, EDiT {r.median('edit'):.3f} s -> {r.speedup:.2f}x")
     if r.fraction is not None:
         s += f"; bound {r.median('bound'):.3f} s ({r.bound_speedup:.2f}x), {r.fraction:.0%} of it"
+    if r.compiled:
+        for what, values in (("graph breaks", r.graph_breaks), ("recompiles", r.recompiles)):
+            s += f"; {what} b/e/z " + "/".join(str(values.get(n)) for n in ("baseline", "edit", "bound"))
     return s
 
 

@@ -13,6 +13,9 @@ import comfy.ldm.pixart.blocks as comfy_pixart_blocks
 
 BOUND_MODULES = (comfy_attention, comfy_mmdit, comfy_pixart_blocks)
 SDPA = comfy_attention.attention_pytorch
+# ComfyUI's decorator that lets transformer_options["optimized_attention_override"] take a call
+# over (absent in older ComfyUI: then there is nothing to honour).
+WRAP_ATTN = getattr(comfy_attention, "wrap_attn", lambda fn: fn)
 SDPA_NAME = "comfy.ldm.modules.attention.attention_pytorch (torch.nn.functional.scaled_dot_product_attention)"
 
 
@@ -44,6 +47,9 @@ class ZeroCostAttention:
     def __init__(self, real=SDPA):
         self.real = real
         self._zeros = {}
+        # As ComfyUI's own attention functions are: an attention override in transformer_options
+        # (ComfyUI's way for a patched block to swap only its attention) still applies.
+        self._call = WRAP_ATTN(self._attention)
         self.new_run()
 
     def new_run(self):
@@ -51,7 +57,10 @@ class ZeroCostAttention:
         self.skipped = 0
         self.passed = 0
 
-    def __call__(self, q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False, **kwargs):
+    def __call__(self, *args, **kwargs):
+        return self._call(*args, **kwargs)
+
+    def _attention(self, q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False, **kwargs):
         token_dim = 2 if skip_reshape else 1
         if k.shape[token_dim] != q.shape[token_dim] or mask is not None:
             self.passed += 1

@@ -1,5 +1,6 @@
 """Where EDiT's time goes in one block: torch profiler tables of the EDiT and bound variants
-at one point, and the operators that make up the difference.
+at one point (block 0 inside a patched model call, as the bench's block level runs it; the
+operators before the block are the same in both), and the operators that make up the difference.
 
     python -m edit_core.bench.profile --family sd35 --px 2048
 """
@@ -28,12 +29,13 @@ def op_times(fn, device) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m edit_core.bench.profile", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m edit_core.bench.profile", description=__doc__.split("\n\n")[0],
+                                allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--family", choices=FAMILIES, default="sd35")
-    p.add_argument("--px", type=int, default=2048)
+    p.add_argument("--px", type=int, default=2048, help="square image side in pixels")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--prompt", type=int, default=154)
-    p.add_argument("--top", type=int, default=15)
+    p.add_argument("--prompt", type=int, default=154, help="prompt tokens")
+    p.add_argument("--top", type=int, default=15, help="operators listed")
     args = p.parse_args(argv)
     device = default_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
