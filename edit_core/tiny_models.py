@@ -165,14 +165,20 @@ def taesd_state_dict(latent_channels: int, seed: int = 0):
     """A TAESD-layout VAE that VAELoader detects, every tensor seeded (ComfyUI builds TAESD
     from ``disable_weight_init`` layers, which leave memory uninitialised). The decoder is a
     fixed random network whose last conv is scaled so that latents of unit size decode to
-    values around 0.5 +- 0.2: finite, non-constant images that follow the latent."""
+    values around 0.5 +- 0.2 in each colour: finite, non-constant images that follow the latent."""
     vae = comfy.taesd.taesd.TAESD(latent_channels=latent_channels)
     randomize_(vae, seed, skip=("vae_scale", "vae_shift"))  # those two are set by the constructor
+    for block in vae.taesd_decoder:
+        if isinstance(block, comfy.taesd.taesd.Block):  # near-identity residual blocks: a smooth decoder
+            block.conv[-1].weight.mul_(0.1)
     last = vae.taesd_decoder[-1]
-    probe = torch.randn(1, latent_channels, 8, 8, generator=torch.Generator().manual_seed(seed))
+    # Probes of several sizes, as sampled latents vary widely; each colour channel is centred.
+    g = torch.Generator().manual_seed(seed)
+    probe = torch.cat([s * torch.randn(1, latent_channels, 8, 8, generator=g) for s in (0.5, 1.0, 2.0, 4.0)])
     raw = vae.taesd_decoder(probe)
     # Rounded to 2 significant digits so the file does not depend on float summation order.
-    gain, mean = (float(f"{v:.1e}") for v in (0.2 / max(raw.std().item(), 1e-12), raw.mean().item()))
+    gain = float(f"{0.2 / max(raw.std().item(), 1e-12):.1e}")
+    mean = torch.tensor([float(f"{m:.1e}") for m in raw.mean(dim=(0, 2, 3)).tolist()])
     last.weight.mul_(gain)
     last.bias.copy_(0.5 + gain * (last.bias - mean))
     return {k: v.contiguous() for k, v in vae.state_dict().items()}
