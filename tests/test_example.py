@@ -7,23 +7,10 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from conftest import REPO
 from edit_core.example import build_parser, flat, main
-
-
-def image_stats(path):
-    pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64) / 255
-    return pixels, float(pixels.mean()), float(pixels.std())
-
-
-def assert_real_image(path):
-    """Not black, not one flat colour: what the tiny VAE's decoder makes of a sampled latent."""
-    pixels, mean, std = image_stats(path)
-    assert np.isfinite(pixels).all()
-    assert 0.05 < mean < 0.95 and std > 0.03, f"{path.name}: mean {mean:.3f}, std {std:.3f}"
-    return pixels
+from image_checks import assert_real_image
 
 
 def test_example_runs_on_the_tiny_models_and_makes_real_images(tmp_path, capsys):

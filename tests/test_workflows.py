@@ -4,11 +4,13 @@ models substituted."""
 import asyncio
 import json
 
+import numpy as np
 import pytest
 
 from conftest import REPO
 from edit_core.batch import Job, run_batch
 from edit_core.workflow import WorkflowError, load_graph, ui_to_api, use_tiny_models, with_settings
+from image_checks import assert_real_image
 
 UI = sorted((REPO / "workflows").glob("*.json"))
 NAMES = [p.stem for p in UI]
@@ -49,6 +51,13 @@ def test_api_workflow_runs_on_the_tiny_models(name, comfy_server, tmp_path):
                                      warmup=False, log=lambda s: None))
     assert result.status == "success", result.message
     assert result.files, "the workflow saved no image"
+    for path in result.files:
+        pixels = assert_real_image(path)
+        if "ImageStitch" in {n["class_type"] for n in graph.values()}:  # original | 16 px gap | EDiT
+            left, right = pixels[:, :384], pixels[:, -384:]
+            assert pixels.shape[1] == 2 * 384 + 16
+            assert np.abs(left - right).mean() > 1e-3, "original and EDiT halves are the same image"
+    assert "invalid value encountered" not in comfy_server.log_tail(10 ** 7)
 
 
 def test_with_settings_sets_every_place_and_refuses_missing_ones():
