@@ -18,9 +18,9 @@ fi
 want=$(sha256sum "$repo/requirements-host.txt" | cut -d' ' -f1)
 if [ "$(cat "$host/stamp" 2>/dev/null)" != "$want" ]; then
   # Measured on the 2-core development VM: ~6 GB on disk (CUDA wheels included: PyPI's torch
-  # needs them even on a CPU machine; see requirements-host.txt), INSTALL_TIME.
+  # needs them even on a CPU machine; see requirements-host.txt), 5 minutes with the VM loaded.
   echo "host: installing ComfyUI 0.3.75 and its pinned requirements into $host" \
-       "(once; ~6 GB, about INSTALL_TIME on a 2-core machine)"
+       "(once; ~6 GB, about 5 minutes on a 2-core machine)"
   rm -rf "$host/venv" "$host/ComfyUI" "$host/stamp"
   mkdir -p "$host"
   py=$(command -v python3.11 || command -v python3)
