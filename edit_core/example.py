@@ -5,11 +5,13 @@
 
 Starts a headless ComfyUI (the host under .host/, or $EDIT_COMFYUI_DIR) with this pack
 installed, then runs the batch CLI's A/B run. With no models folder it writes the tiny
-random models and says so: their images are noise and their timings show that the machinery
-works, not EDiT's speed-up on a real model.
+random models and says so: their images are seeded noise and their timings show that the
+machinery works, not EDiT's speed-up on a real model. A missing workflow or models folder,
+or one lacking the workflow's files, is a one-line error before anything starts.
 """
 import argparse
 import asyncio
+import logging
 import os
 import sys
 import tempfile
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from .batch import make_jobs, parse_size, run_batch, summary
 from .host_server import PACK, ComfyServer
-from .workflow import load_graph, use_tiny_models
+from .workflow import WorkflowError, graph_family, load_graph, use_tiny_models, with_settings
 
 WORKFLOWS = {"sd35": PACK / "workflows" / "api" / "sd35_medium_edit.json",
              "pixart": PACK / "workflows" / "api" / "pixart_sigma_edit.json"}
@@ -39,49 +41,124 @@ def needed_files(graph) -> list:
     return out
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m edit_core.example", description=__doc__.split("\n\n")[0])
+def split_list(convert):
+    """An argparse type for list options that take both ``a b c`` and ``a,b,c``: each word
+    is split at commas (use with ``nargs="+"`` and flatten with ``flat``)."""
+    def parse(text):
+        return [convert(part) for part in text.split(",") if part]
+    return parse
+
+
+def flat(values):
+    return None if values is None else [v for group in values for v in group]
+
+
+def fail(message: str):
+    """One line on stderr and exit status 2, before any work."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_models_folder(models: Path, graph, workflow: Path, family: str):
+    """Refuse a models folder that is missing, or lacks what the workflow loads, naming the fix."""
+    if not models.exists():
+        fail(f"models folder {models} does not exist: set EDIT_MODELS_DIR (or --models) to your ComfyUI "
+             "models folder (the one holding checkpoints/, text_encoders/, ...), or unset it to run on the "
+             "built-in tiny models")
+    if not models.is_dir():
+        fail(f"models folder {models} is a file, not a folder: point EDIT_MODELS_DIR at your ComfyUI models folder")
+    missing = [f"{folder}/{name}" for folder, name in needed_files(graph) if not (models / folder / name).is_file()]
+    if missing:
+        make_bank = BANK_HINTS.get(family, BANK_HINTS["any"]) if any(m.startswith("edit/") for m in missing) else ""
+        fail(f"models folder {models} lacks what {workflow.name} loads: {', '.join(missing)}"
+             f"{'; ' + make_bank if make_bank else ''}")
+
+
+# How to make the EDiT bank a family's example loads.
+BANK_HINTS = {
+    "sd35": "make the EDiT bank with workflows/sd35_distill_edit.json or "
+            "`bash scripts/edit.sh distill --model <sd3.5_medium.safetensors> --output <models>/edit/"
+            "sd35_medium_edit.safetensors ...`",
+    "pixart": "make the PixArt-Sigma EDiT bank with `bash scripts/edit.sh distill --model "
+              "<PixArt-Sigma-XL-2-2K-MS.pth> --text-encoders <t5xxl_fp16.safetensors> --output "
+              "<models>/edit/pixart_sigma_edit.safetensors ...` or the EDiT Distill node fed by a UNETLoader "
+              "with PixArt-Sigma (then Save EDiT)",
+    "any": "make the EDiT bank for your model with `bash scripts/edit.sh distill --model <your model> --output "
+           "<models>/edit/<bank>.safetensors ...` or the EDiT Distill node",
+}
+
+
+def family_of(graph):
+    try:
+        return graph_family(graph)
+    except WorkflowError:
+        return "any"
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="bash scripts/run_example.sh", description=__doc__.split("\n\n")[0],
+                                allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--models", default=os.environ.get("EDIT_MODELS_DIR"),
-                   help="your ComfyUI models folder (default $EDIT_MODELS_DIR; unset: the built-in tiny models)")
-    p.add_argument("--family", choices=sorted(WORKFLOWS), default="sd35")
+                   help="your ComfyUI models folder ($EDIT_MODELS_DIR; unset: the built-in tiny models)")
+    p.add_argument("--family", choices=sorted(WORKFLOWS), default="sd35", help="which example workflow")
     p.add_argument("--workflow", help="your own API-format workflow instead of the family's example "
                                       "(with Apply EDiT in it for the on/off comparison)")
-    p.add_argument("--sizes", nargs="+", type=parse_size, default=None,
-                   help="default: 512 1024 on the tiny models, 1024 2048 on real ones")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--out", default=None, help="folder for the server, images and results (default: a temporary one)")
-    args = p.parse_args(argv)
+    p.add_argument("--sizes", nargs="+", type=split_list(parse_size), default=None,
+                   help="WIDTH or WIDTHxHEIGHT, space- or comma-separated (unset: 512 1024 on the tiny models, "
+                        "1024 2048 on real ones)")
+    p.add_argument("--seeds", nargs="+", type=split_list(int), default=[[0]],
+                   help="sampler seeds, space- or comma-separated")
+    p.add_argument("--out", default=None, help="folder for the server, images and results (unset: a temporary one)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    tiny = not args.models
+    seeds = flat(args.seeds)
+    sizes = flat(args.sizes) or [parse_size(s) for s in (("512", "1024") if tiny else ("1024", "2048"))]
 
     workflow = Path(args.workflow) if args.workflow else WORKFLOWS[args.family]
-    graph = load_graph(workflow)
+    if not workflow.is_file():
+        fail(f"workflow {workflow} does not exist: give the path of an API-format workflow "
+             "(ComfyUI: Workflow > Export (API)), e.g. workflows/api/sd35_medium_edit.json")
+    try:
+        graph = load_graph(workflow)
+        if tiny:
+            graph = use_tiny_models(graph)
+        with_settings(graph, PROMPTS[0], seeds[0], sizes[0], True)  # every setting has a place
+    except WorkflowError as e:
+        fail(str(e) if str(workflow) in str(e) else f"{workflow}: {e}")
+    if not tiny:
+        models = Path(args.models).expanduser()
+        check_models_folder(models, graph, workflow, family_of(graph))
+        print(f"models: {models}")
     base = Path(args.out or tempfile.mkdtemp(prefix="edit_example_")).resolve()
-    if args.models:
-        missing = [f"{folder}/{name}" for folder, name in needed_files(graph)
-                   if not (Path(args.models) / folder / name).is_file()]
-        if missing:
-            p.error(f"{args.models} lacks what {workflow.name} loads: {', '.join(missing)} "
-                    "(make the EDiT bank with workflows/sd35_distill_edit.json or python -m edit_core.distill)")
-        sizes = args.sizes or [parse_size("1024"), parse_size("2048")]
-        print(f"models: {args.models}")
-    else:
+    if tiny:
+        quiet_audio_warnings()
         from .comfy_env import setup_comfy
         setup_comfy()
         from .tiny_models import write_tiny_models
         write_tiny_models(base / "models")
-        graph = use_tiny_models(graph)
-        sizes = args.sizes or [parse_size("512"), parse_size("1024")]
         print("No real checkpoint configured (EDIT_MODELS_DIR unset): running on the built-in TINY random models. "
-              "Their images are noise and their timings only show the machinery working; point EDIT_MODELS_DIR "
-              "at your ComfyUI models folder for real SD3.5 Medium / PixArt-Sigma numbers.")
-    jobs = make_jobs(PROMPTS, args.seeds, sizes, ab=True)
+              "Their images are seeded noise and their timings only show the machinery working; point "
+              "EDIT_MODELS_DIR at your ComfyUI models folder for real SD3.5 Medium / PixArt-Sigma numbers.")
+    jobs = make_jobs(PROMPTS, seeds, sizes, ab=True)
     print(f"{workflow.name}: {len(jobs)} runs (EDiT on and off); server and outputs in {base}")
-    with ComfyServer(base, models=args.models) as server:
+    with ComfyServer(base, models=None if tiny else models) as server:
         print(f"ComfyUI at {server.url} (log {server.log_path})")
         results = asyncio.run(run_batch(graph, jobs, [server.url], base / "batch"))
     print(summary(results))
     ok = sum(r.status == "success" for r in results)
     print(f"{ok}/{len(results)} runs succeeded; images and results.jsonl in {base / 'batch'}")
     return 0 if ok == len(results) else 1
+
+
+def quiet_audio_warnings():
+    """Importing ComfyUI here (to write the tiny models) logs 'torchaudio missing, ... will be
+    broken' for its audio models; the test host has no torchaudio (see README) and nothing
+    here uses audio, so those lines are dropped from this process's console."""
+    logging.getLogger().addFilter(lambda record: "torchaudio missing" not in record.getMessage())
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ the patch content (similar tokens are nearby ones); ``attention_gain`` multiplie
 (through the q/k-norm weights, or the q/k projection rows where a model has no q/k norm)
 to make attention peaked.
 """
+import json
 import math
 import zlib
 from pathlib import Path
@@ -159,10 +160,27 @@ def pixart_patcher(hidden: int = 96, heads: int = 4, depth: int = 2, seed: int =
                                             offload_device=comfy.model_management.unet_offload_device())
 
 
+@torch.no_grad()
 def taesd_state_dict(latent_channels: int, seed: int = 0):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        vae = comfy.taesd.taesd.TAESD(latent_channels=latent_channels)
+    """A TAESD-layout VAE that VAELoader detects, every tensor seeded (ComfyUI builds TAESD
+    from ``disable_weight_init`` layers, which leave memory uninitialised). The decoder is a
+    fixed random network whose last conv is scaled so that latents of unit size decode to
+    values around 0.5 +- 0.2 in each colour: finite, non-constant images that follow the latent."""
+    vae = comfy.taesd.taesd.TAESD(latent_channels=latent_channels)
+    randomize_(vae, seed, skip=("vae_scale", "vae_shift"))  # those two are set by the constructor
+    for block in vae.taesd_decoder:
+        if isinstance(block, comfy.taesd.taesd.Block):  # near-identity residual blocks: a smooth decoder
+            block.conv[-1].weight.mul_(0.1)
+    last = vae.taesd_decoder[-1]
+    # Probes of several sizes, as sampled latents vary widely; each colour channel is centred.
+    g = torch.Generator().manual_seed(seed)
+    probe = torch.cat([s * torch.randn(1, latent_channels, 8, 8, generator=g) for s in (0.5, 1.0, 2.0, 4.0)])
+    raw = vae.taesd_decoder(probe)
+    # Rounded to 2 significant digits so the file does not depend on float summation order.
+    gain = float(f"{0.2 / max(raw.std().item(), 1e-12):.1e}")
+    mean = torch.tensor([float(f"{m:.1e}") for m in raw.mean(dim=(0, 2, 3)).tolist()])
+    last.weight.mul_(gain)
+    last.bias.copy_(0.5 + gain * (last.bias - mean))
     return {k: v.contiguous() for k, v in vae.state_dict().items()}
 
 
@@ -171,8 +189,8 @@ def write_tiny_models(models_dir, seed: int = 0) -> dict:
 
     diffusion_models/: an SD3.5-style MMDiT (depth 2, RMS qk-norm, MMDiT-X layer 0) and a
     detectable PixArt-Sigma (hidden 1152, depth 1); vae/: 16- and 4-channel TAESD VAEs;
-    edit/: an untrained EDiT bank for each model. Existing files are kept (all are
-    deterministic for a seed).
+    edit/: an untrained EDiT bank for each model. Every tensor comes from ``seed`` and the
+    files are byte-identical for a seed, so existing files are kept.
     """
     models_dir = Path(models_dir)
     files = {
@@ -199,8 +217,24 @@ def _write_once(path: Path, write) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".partial")
         write(tmp)
+        _sort_header(tmp)
         tmp.replace(path)
     return path
+
+
+def _sort_header(path: Path):
+    """Rewrite a safetensors header with its keys sorted: safetensors writes the metadata in
+    hash order, which differs from run to run, so equal files would not be equal bytes."""
+    data = bytearray(path.read_bytes())
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    meta = header.pop("__metadata__", None)
+    ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta else {}) | dict(sorted(header.items()))
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > size:
+        raise RuntimeError(f"{path}: sorted safetensors header is longer than the original")
+    data[8:8 + size] = text.ljust(size)
+    path.write_bytes(bytes(data))
 
 
 def random_conditioning(text: str, seed: int, tokens: int, context_dim: int, pooled_dim: int):

@@ -1,14 +1,25 @@
 """Writes the example workflows: workflows/api/NAME.json (API format, the source of truth
-below) and workflows/NAME.json (their UI-format twins, laid out for the editor and listed
-in ComfyUI's template browser). Node input orders come from a real ComfyUI server's
-/object_info, started here with this pack installed.
+below), workflows/NAME.json (their UI-format twins, laid out for the editor and listed in
+ComfyUI's template browser) and workflows/NAME.jpg (the browser's thumbnail: what the
+workflow does, in a line, over a chart of our measured results). Node input orders come
+from a real ComfyUI server's /object_info, started here with this pack installed.
 
     .host/venv/bin/python scripts/build_workflows.py
+    .host/venv/bin/python scripts/build_workflows.py --thumbnails-only   # no server needed
+
+ComfyUI 0.3.75 serves a pack's workflows/ folder at /api/workflow_templates/<pack>/, and the
+frontend (1.32.9) shows a custom-node template as the file name over <name>.jpg: it reads no
+other metadata, so the thumbnail carries the description.
 """
+import argparse
 import json
+import statistics
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -117,6 +128,22 @@ def sd35_distill_edit():
     return g
 
 
+# name -> (title, one-line description, what the thumbnail charts) for the template browser.
+THUMBNAILS = {
+    "sd35_medium_edit": ("SD3.5 Medium + EDiT at 2048 px",
+                         "Text-to-image with your distilled EDiT bank: linear attention for image tokens.",
+                         ("block", "sd35")),
+    "pixart_sigma_edit": ("PixArt-Sigma + EDiT at 2048 px",
+                          "Text-to-image with PixArt-Sigma 2K and an EDiT bank: linear compressed attention.",
+                          ("block", "pixart")),
+    "sd35_original_vs_edit": ("Original vs EDiT, same seed",
+                              "Both images side by side, plus EDiT Speed Test's timing on your device.",
+                              ("model", "sd35")),
+    "sd35_distill_edit": ("Distill your own EDiT bank",
+                          "Teacher samples, layer-wise + end-to-end training, Save EDiT, then compare.",
+                          ("loss", "sd3")),
+}
+
 WORKFLOWS = {
     "sd35_medium_edit": (sd35_medium_edit, [
         "SD3.5 Medium text-to-image with EDiT at 2048x2048. Needs sd3.5_medium.safetensors (checkpoints/), "
@@ -138,7 +165,84 @@ WORKFLOWS = {
 }
 
 
-def main():
+# -- thumbnails ------------------------------------------------------------------------------
+SIZE_PX = (800, 450)
+JPEG_QUALITY = 88
+INK, DIM, ACCENT, BASE, BG = "#f2f2f2", "#a8acb8", "#4fc3a1", "#6b7080", "#1d1f27"
+
+
+def speedups(level: str, family: str):
+    """(px, original ms / EDiT ms) at batch 1, 154 prompt tokens, from the measured benchmark."""
+    rows = json.loads((REPO / "docs" / "bench" / "results.json").read_text())["rows"]
+    out = {}
+    for r in rows:
+        if (r["level"], r["family"], r["batch"], r["prompt"]) == (level, family, 1, 154) and r["px"] >= 1024:
+            out[r["px"]] = statistics.median(r["times"]["baseline"]) / statistics.median(r["times"]["edit"])
+    return sorted(out.items())
+
+
+def draw_speed_chart(draw, box, level: str, family: str, font, small):
+    x0, y0, x1, y1 = box
+    data = speedups(level, family)
+    top = max(s for _, s in data)
+    label = {"block": "one transformer block", "model": "whole model call"}[level]
+    draw.text((x0, y0), f"EDiT speed-up over the original, {label}, measured on a 2-core CPU", font=small, fill=DIM)
+    bar_w, gap = (x1 - x0 - 260) // len(data) - 40, 40  # the right 200 px hold the legend
+    base_y, height = y1 - 30, y1 - y0 - 80
+    for k, (px, speedup) in enumerate(data):
+        bx = x0 + 60 + k * (bar_w + gap)
+        h = max(4, int(height * speedup / top))
+        draw.rectangle((bx, base_y - int(height / top), bx + bar_w // 3, base_y), fill=BASE)
+        draw.rectangle((bx + bar_w // 3 + 6, base_y - h, bx + bar_w, base_y), fill=ACCENT)
+        draw.text((bx + bar_w // 3 + 10, base_y - h - 30), f"{speedup:.1f}x", font=font, fill=INK)
+        draw.text((bx, base_y + 6), f"{px} px", font=small, fill=DIM)
+    draw.line((x0 + 40, base_y, x1 - 200, base_y), fill=DIM, width=1)
+    draw.rectangle((x1 - 170, y0 + 60, x1 - 158, y0 + 72), fill=BASE)
+    draw.text((x1 - 150, y0 + 57), "original = 1x", font=small, fill=DIM)
+    draw.rectangle((x1 - 170, y0 + 84, x1 - 158, y0 + 96), fill=ACCENT)
+    draw.text((x1 - 150, y0 + 81), "EDiT", font=small, fill=DIM)
+    draw.text((x1 - 170, y0 + 108), "float32, batch 1", font=small, fill=DIM)
+
+
+def draw_loss_panel(image, draw, box, family: str, small):
+    x0, y0, x1, y1 = box
+    draw.text((x0, y0), "distillation loss of a tiny teacher (docs/distillation.md)", font=small, fill=DIM)
+    curve = Image.open(REPO / "docs" / "distill" / f"{family}_loss.png").convert("RGB")
+    curve.thumbnail((x1 - x0, y1 - y0 - 28))
+    image.paste(curve, (x0 + (x1 - x0 - curve.width) // 2, y0 + 26))
+
+
+def render_thumbnail(name: str) -> Image.Image:
+    title, line, (kind, family) = THUMBNAILS[name]
+    image = Image.new("RGB", SIZE_PX, BG)
+    draw = ImageDraw.Draw(image)
+    big, mid, small = (ImageFont.load_default(size=s) for s in (34, 20, 15))
+    draw.text((28, 18), "ComfyUI-EDiT", font=small, fill=ACCENT)
+    draw.text((28, 40), title, font=big, fill=INK)
+    for k, text in enumerate(textwrap.wrap(line, 70)[:2]):
+        draw.text((28, 88 + 26 * k), text, font=mid, fill=DIM)
+    panel = (28, 150, SIZE_PX[0] - 28, SIZE_PX[1] - 16)
+    if kind == "loss":
+        draw_loss_panel(image, draw, panel, family, small)
+    else:
+        draw_speed_chart(draw, panel, kind, family, mid, small)
+    return image
+
+
+def write_thumbnail(name: str) -> Path:
+    path = REPO / "workflows" / f"{name}.jpg"
+    render_thumbnail(name).save(path, "JPEG", quality=JPEG_QUALITY)
+    return path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--thumbnails-only", action="store_true", help="rewrite only the .jpg thumbnails (no server)")
+    args = p.parse_args(argv)
+    for name in WORKFLOWS:
+        print(f"wrote {write_thumbnail(name).relative_to(REPO)}")
+    if args.thumbnails_only:
+        return
     graphs = {name: build() for name, (build, _) in WORKFLOWS.items()}
     with tempfile.TemporaryDirectory() as base, ComfyServer(base) as server:
         object_info = server.get("/object_info", timeout=120)

@@ -2,13 +2,19 @@
 template browser lists them, and every API workflow runs on a real server with the tiny
 models substituted."""
 import asyncio
+import importlib.util
+import io
 import json
+import urllib.request
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import REPO
 from edit_core.batch import Job, run_batch
 from edit_core.workflow import WorkflowError, load_graph, ui_to_api, use_tiny_models, with_settings
+from image_checks import assert_real_image
 
 UI = sorted((REPO / "workflows").glob("*.json"))
 NAMES = [p.stem for p in UI]
@@ -40,6 +46,31 @@ def test_template_browser_lists_the_examples(comfy_server):
     for name in NAMES:
         served = comfy_server.get(f"/api/workflow_templates/ComfyUI-EDiT/{name}.json")
         assert served == json.loads((REPO / "workflows" / f"{name}.json").read_text())
+        # The frontend shows <name>.jpg as the template's thumbnail.
+        with urllib.request.urlopen(f"{comfy_server.url}/api/workflow_templates/ComfyUI-EDiT/{name}.jpg") as r:
+            assert r.headers["Content-Type"] == "image/jpeg"
+            assert r.read() == (REPO / "workflows" / f"{name}.jpg").read_bytes()
+
+
+def load_builder():
+    spec = importlib.util.spec_from_file_location("build_workflows", REPO / "scripts" / "build_workflows.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_thumbnail_is_what_the_builder_draws_with_a_one_line_description(name):
+    builder = load_builder()
+    title, line, _ = builder.THUMBNAILS[name]
+    assert title and line and "\n" not in line and len(line) <= 140
+    path = REPO / "workflows" / f"{name}.jpg"
+    image = Image.open(path)
+    assert image.format == "JPEG" and image.size == builder.SIZE_PX
+    assert np.asarray(image.convert("RGB"), dtype=np.float64).std() > 10, "a blank thumbnail"
+    drawn = io.BytesIO()
+    builder.render_thumbnail(name).save(drawn, "JPEG", quality=builder.JPEG_QUALITY)
+    assert drawn.getvalue() == path.read_bytes(), "stale: run scripts/build_workflows.py --thumbnails-only"
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -49,6 +80,13 @@ def test_api_workflow_runs_on_the_tiny_models(name, comfy_server, tmp_path):
                                      warmup=False, log=lambda s: None))
     assert result.status == "success", result.message
     assert result.files, "the workflow saved no image"
+    for path in result.files:
+        pixels = assert_real_image(path)
+        if "ImageStitch" in {n["class_type"] for n in graph.values()}:  # original | 16 px gap | EDiT
+            left, right = pixels[:, :384], pixels[:, -384:]
+            assert pixels.shape[1] == 2 * 384 + 16
+            assert np.abs(left - right).mean() > 1e-3, "original and EDiT halves are the same image"
+    assert "invalid value encountered" not in comfy_server.log_tail(10 ** 7)
 
 
 def test_with_settings_sets_every_place_and_refuses_missing_ones():
