@@ -1,22 +1,28 @@
 """Apply an EDiT bank to a ComfyUI model: a patched *clone*, never the shared base.
 
 Mechanism (see docs/design.md):
-- ``diffusion_model.forward`` gets a ``ModelForwardPatch`` object patch. Per call it decides
-  whether the EDiT (student) path runs (options, sampling range, image size, or an explicit
-  ``transformer_options["edit_mode"]``), computes the token grid from the latent's shape, and
-  publishes both in a ContextVar for the duration of that call only.
-- Each converted layer gets an object patch: SD3 ``joint_blocks.{i}.forward`` (joint attention
-  becomes MM-EDiT hybrid attention, an MMDiT-X ``attn2`` becomes linear compressed
-  attention), PixArt ``blocks.{i}.attn.forward`` (linear compressed attention). They call the
-  model's own ``pre_attention``/``post_attention``/``qkv``/``proj`` modules every time (LoRA,
-  lowvram and fp8 keep working) and run softmax parts through ComfyUI's attention function
-  looked up at call time (sage/flash/xformers overrides compose). Outside an EDiT call they
-  call the original forward untouched.
+- An ``APPLY_MODEL`` wrapper (``comfy.patcher_extension``, as the compile node uses) decides
+  per call whether the EDiT (student) path runs (options, sampling range, image size, or an
+  explicit ``transformer_options["edit_mode"]``), computes the token grid from the latent's
+  shape and hands both, with an optional capture sink, to the converted layers as an
+  ``EditCall``: in the call's ``transformer_options`` (SD3 blocks receive them) and in the
+  application's ``EditState`` for the length of the call (PixArt drops transformer_options
+  before its blocks). Both are plain values: torch.compile traces them without a graph break.
+- Each converted layer gets an object patch: SD3 ``joint_blocks.{i}.forward`` calls the
+  block's own forward (core block mixing, ``use_checkpoint`` and unknown keyword arguments
+  passed on) with an ``optimized_attention_override`` that swaps only the attention: joint
+  attention becomes MM-EDiT hybrid attention, an MMDiT-X ``attn2`` linear compressed
+  attention. PixArt ``blocks.{i}.attn.forward`` runs linear compressed attention between the
+  module's own ``qkv`` and ``proj``. The model's modules are always *called* (LoRA, lowvram
+  and fp8 keep working); softmax parts go through ComfyUI's attention function looked up at
+  call time (backend overrides compose). Teacher calls and EDiT-off calls run the original
+  forward untouched.
 - ComfyUI applies object patches when it loads the clone and restores the originals when it
-  unloads it; the bank rides along as an additional model, loaded and offloaded with it.
+  unloads it; the bank rides along as an additional model (one ModelPatcher per bank),
+  loaded and offloaded with it.
 """
+import logging
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
@@ -24,6 +30,7 @@ import torch
 
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.model_patcher
+import comfy.patcher_extension
 
 from .bank import EDiTBank, EDiTError, check_bank_fits, select_layers
 from .comfy_model import model_spec
@@ -31,6 +38,9 @@ from .modules import merge_heads, split_heads
 
 TEACHER, STUDENT = "teacher", "student"
 BANK_KEY = "edit_bank"
+WRAPPER_KEY = "edit"
+CALL_KEY = "edit_call"  # transformer_options key of the running EditCall
+APPLY_MODEL = comfy.patcher_extension.WrappersMP.APPLY_MODEL
 
 # sink(layer_name, grid, tensors): receives every converted layer's inputs and attention
 # output during a call that asked for it (distillation). Tensors: the layer's inputs (SD3:
@@ -49,12 +59,15 @@ class EditOptions:
     start_percent, end_percent: the part of sampling where EDiT runs (ComfyUI's percent
         convention: 0 = first step); outside it the original attention runs.
     min_tokens: below this many image tokens the original attention runs (small images gain nothing).
+    compile_backend: None (the default) runs the EDiT layers eagerly; a torch.compile backend
+        name (e.g. "inductor") compiles each EDiT layer on its own, once per bank and shape.
     """
     enabled: bool = True
     layers: str = "all"
     start_percent: float = 0.0
     end_percent: float = 1.0
     min_tokens: int = 0
+    compile_backend: Optional[str] = None
 
     def __post_init__(self):
         if not 0.0 <= self.start_percent <= self.end_percent <= 1.0:
@@ -66,25 +79,48 @@ class EditOptions:
 
 @dataclass(frozen=True)
 class EditCall:
+    """One model call's EDiT decision, made by the wrapper of the application ``owner``."""
+    owner: "EditState"
     student: bool
     grid: Tuple[int, int]
-    sink: Optional[CaptureSink]
-    transformer_options: dict
+    sink: Optional[CaptureSink] = None
+
+    @property
+    def active(self) -> bool:
+        """Whether the patched layers do anything but call the original (EDiT or capture)."""
+        return self.student or self.sink is not None
 
 
-_CALL: ContextVar[Optional[EditCall]] = ContextVar("comfyui_edit_call", default=None)
+class EditState:
+    """One Apply EDiT's per-call state: the running call, set by its wrapper for the length
+    of that call (PixArt's layers cannot receive transformer_options), and whether the
+    layers have warned about a call the wrapper did not see."""
 
+    def __init__(self):
+        self.call: Optional[EditCall] = None
+        self.warned = False
 
-@contextmanager
-def edit_call(student: bool, grid: Tuple[int, int], sink: Optional[CaptureSink] = None,
-              transformer_options: Optional[dict] = None):
-    """Run the EDiT (student) or original (teacher) path in the patched layers called inside,
-    for this call only (a ContextVar: nothing is stored on shared modules)."""
-    token = _CALL.set(EditCall(student, grid, sink, transformer_options or {}))
-    try:
-        yield
-    finally:
-        _CALL.reset(token)
+    @contextmanager
+    def running(self, student: bool, grid: Tuple[int, int], sink: Optional[CaptureSink] = None,
+                transformer_options: Optional[dict] = None):
+        """Run the EDiT (student) or original (teacher) path in this application's patched
+        layers called inside; yields the transformer_options (a copy) to call them with."""
+        call = EditCall(self, student, grid, sink)
+        previous, self.call = self.call, call
+        try:
+            yield dict(transformer_options or {}, **{CALL_KEY: call})
+        finally:
+            self.call = previous
+
+    def unseen(self, layer: str):
+        """A patched layer ran in a call this application's wrapper did not see: it runs the
+        original attention; say so once per model."""
+        if not self.warned:
+            self.warned = True
+            logging.warning(f"EDiT: {layer} ran in a model call that EDiT's wrapper did not see (the model was "
+                            "called without its patcher's wrappers, e.g. model.apply_model without "
+                            "transformer_options['wrappers']); the original attention runs for such calls. "
+                            "Call it through a sampler or edit_core.patcher.call_model.")
 
 
 def token_grid(family: str, latent_hw) -> Tuple[int, int]:
@@ -101,43 +137,42 @@ def comfy_softmax(heads: int, transformer_options: dict):
     return softmax_attention
 
 
-class ModelForwardPatch:
-    """Object patch for ``diffusion_model.forward``: per-call EDiT decision and token grid."""
+class EditWrapper:
+    """``APPLY_MODEL`` wrapper: the per-call EDiT decision and token grid for one application."""
 
-    def __init__(self, original, family: str, options: EditOptions, base_model):
-        self.original = original
+    def __init__(self, family: str, options: EditOptions, state: EditState):
         self.family = family
         self.options = options
-        self.base_model = base_model  # read at call time: its model_sampling may be patched later
+        self.state = state
 
-    def in_sampling_range(self, transformer_options) -> bool:
-        sigmas = transformer_options.get("sigmas")
-        if sigmas is None or (self.options.start_percent, self.options.end_percent) == (0.0, 1.0):
+    def in_sampling_range(self, model_sampling, sigma) -> bool:
+        if (self.options.start_percent, self.options.end_percent) == (0.0, 1.0):
             return True
-        ms = self.base_model.model_sampling
-        sigma = float(sigmas.reshape(-1)[0])
-        return ms.percent_to_sigma(self.options.end_percent) <= sigma <= ms.percent_to_sigma(self.options.start_percent)
+        sigma = float(sigma.reshape(-1)[0])
+        return (model_sampling.percent_to_sigma(self.options.end_percent) <= sigma
+                <= model_sampling.percent_to_sigma(self.options.start_percent))
 
-    def __call__(self, x, *args, **kwargs):
-        to = kwargs.get("transformer_options") or {}
+    def __call__(self, executor, *args, **kwargs):
+        # BaseModel.apply_model's executor arguments: x, t, c_concat, c_crossattn, control, transformer_options.
+        x, t = args[0], args[1]
+        positional = len(args) > 5
+        to = (args[5] if positional else kwargs.get("transformer_options")) or {}
         grid = token_grid(self.family, x.shape[-2:])
         mode = to.get("edit_mode")
         if mode not in (None, TEACHER, STUDENT):
             raise EDiTError(f"transformer_options['edit_mode'] must be {TEACHER!r} or {STUDENT!r}, got {mode!r}")
         if mode is None:
+            # The base model's model_sampling at call time: a sampling node may have patched it.
             student = (self.options.enabled and grid[0] * grid[1] >= self.options.min_tokens
-                       and self.in_sampling_range(to))
+                       and self.in_sampling_range(executor.class_obj.model_sampling, to.get("sigmas", t)))
         else:
             student = mode == STUDENT
-        with edit_call(student, grid, to.get("edit_capture"), to):
-            return self.original(x, *args, **kwargs)
-
-
-def _active_call() -> Optional[EditCall]:
-    call = _CALL.get()
-    if call is None or (not call.student and call.sink is None):
-        return None
-    return call
+        with self.state.running(student, grid, to.get("edit_capture"), to) as call_options:
+            if positional:
+                args = (*args[:5], call_options, *args[6:])
+            else:
+                kwargs["transformer_options"] = call_options
+            return executor(*args, **kwargs)
 
 
 def _tokens(qkv):
@@ -164,85 +199,116 @@ def pixart_qkv(attn, x):
 
 
 class SD3BlockPatch:
-    """Object patch for ``joint_blocks.{i}.forward``: the core block mixing, rebuilt from the
-    block's own pre_attention/post_attention, with EDiT attention where converted."""
+    """Object patch for ``joint_blocks.{i}.forward``: the block's own forward (core block
+    mixing) with only the attention swapped, through ``optimized_attention_override``."""
 
-    def __init__(self, original, block, index: int, attn=None, attn2=None):
+    def __init__(self, original, block, index: int, attn=None, attn2=None, state: Optional[EditState] = None):
         self.original = original
         self.block = block
         self.index = index
         self.attn = attn
         self.attn2 = attn2
+        self.state = state or EditState()
 
     def __call__(self, *args, **kwargs):
-        call = _active_call()
+        to = kwargs.get("transformer_options")
+        call = None if to is None else to.get(CALL_KEY)
         if call is None:
+            self.state.unseen(f"joint_blocks.{self.index}")
+            return self.original(*args, **kwargs)
+        if call.owner is not self.state or not call.active:
+            # Teacher / EDiT off, or a call of a later Apply EDiT that this (replaced) patch sits under.
             return self.original(*args, **kwargs)
         context, x = args[:2] if len(args) >= 2 else (kwargs["context"], kwargs["x"])
-        c = kwargs.get("c", args[2] if len(args) > 2 else None)
-        to = kwargs.get("transformer_options", call.transformer_options)
-        return self.mix(context, x, c, to, call)
+        c = kwargs["c"] if "c" in kwargs else args[2]
+        if context.shape[1] == 0 and self.block.x_block.x_block_self_attn:
+            raise EDiTError(f"SD3 block {self.index} got no prompt tokens: EDiT cannot tell its joint attention "
+                            "from its attn2; run this model with a prompt")
+        override = self.attention_override(call, context, x, c, to)
+        return self.original(*args, **dict(kwargs, transformer_options=dict(to, optimized_attention_override=override)))
 
-    def mix(self, context, x, c, to, call: EditCall):
-        cb, xb = self.block.context_block, self.block.x_block
-        heads = xb.attn.num_heads
-        ctx_qkv, ctx_inter, x_qkv, x_qkv2, x_inter = sd3_pre_attention(self.block, context, x, c)
-        n_txt = context.shape[1]
+    def attention_override(self, call: EditCall, context, x, c, to: dict):
+        """The block's attention calls, by length: [prompt; image] = joint attention, image only = attn2."""
+        n_txt, n_img = context.shape[1], x.shape[1]
+        previous = to.get("optimized_attention_override")
         block_inputs = dict(x=x, context=context, c=c)
 
-        if call.student and self.attn is not None:
-            o_txt, o_img = self.attn(x, *ctx_qkv, *x_qkv, call.grid, comfy_softmax(heads, to),
-                                     prompt_rows=not cb.pre_only)
-        else:
-            qkv = [torch.cat((a, b), dim=1) for a, b in zip(ctx_qkv, x_qkv)]
-            joint = comfy_attention.optimized_attention(*qkv, heads=heads, transformer_options=to)
-            o_txt, o_img = joint[:, :n_txt], joint[:, n_txt:]
-        if call.sink is not None and self.attn is not None:
-            call.sink(f"joint_blocks.{self.index}.attn", call.grid, dict(block_inputs, out=o_img))
+        def core(func, args, kwargs):
+            return func(*args, **kwargs) if previous is None else previous(func, *args, **kwargs)
 
-        attn2 = None
-        if x_qkv2 is not None:
-            if call.student and self.attn2 is not None:
-                attn2 = self.attn2(x, *x_qkv2, call.grid)
+        def override(func, *args, **kwargs):
+            length = args[0].shape[1]
+            if length == n_txt + n_img:
+                if call.student and self.attn is not None:
+                    out = self.joint_attention(x, n_txt, args[:3], call.grid, to)
+                else:
+                    out = core(func, args, kwargs)
+                if call.sink is not None and self.attn is not None:
+                    call.sink(f"joint_blocks.{self.index}.attn", call.grid, dict(block_inputs, out=out[:, n_txt:]))
+            elif length == n_img:
+                if call.student and self.attn2 is not None:
+                    out = self.attn2(x, *_tokens(args[:3]), call.grid)
+                else:
+                    out = core(func, args, kwargs)
+                if call.sink is not None and self.attn2 is not None:
+                    call.sink(f"joint_blocks.{self.index}.attn2", call.grid, dict(block_inputs, out=out))
             else:
-                attn2 = comfy_attention.optimized_attention(*x_qkv2, heads=xb.attn2.num_heads, transformer_options=to)
-            if call.sink is not None and self.attn2 is not None:
-                call.sink(f"joint_blocks.{self.index}.attn2", call.grid, dict(block_inputs, out=attn2))
+                out = core(func, args, kwargs)
+            return out
+        return override
 
-        context = None if cb.pre_only else cb.post_attention(o_txt, *ctx_inter)
-        if x_qkv2 is not None:
-            return context, xb.post_attention_x(o_img, attn2, *x_inter)
-        return context, xb.post_attention(o_img, *x_inter)
+    def joint_attention(self, x, n_txt: int, qkv, grid, to: dict):
+        """MM-EDiT hybrid attention on core's concatenated [prompt; image] q, k, v: (B, L, C) out."""
+        q, k, v = _tokens(qkv)
+        heads = self.block.x_block.attn.num_heads
+        pre_only = self.block.context_block.pre_only
+        o_txt, o_img = self.attn(x, q[:, :n_txt], k[:, :n_txt], v[:, :n_txt], q[:, n_txt:], k[:, n_txt:],
+                                 v[:, n_txt:], grid, comfy_softmax(heads, to), prompt_rows=not pre_only)
+        if o_txt is None:  # the last block has no prompt output: core drops these rows unread
+            o_txt = o_img.new_zeros(o_img.shape[0], n_txt, o_img.shape[2])
+        return torch.cat((o_txt, o_img), dim=1)
 
 
 class PixArtAttentionPatch:
     """Object patch for ``blocks.{i}.attn.forward``: linear compressed self-attention."""
 
-    def __init__(self, original, attn_module, index: int, layer):
+    def __init__(self, original, attn_module, index: int, layer, state: Optional[EditState] = None):
         self.original = original
         self.module = attn_module
         self.index = index
         self.layer = layer
+        self.state = state or EditState()
 
     def __call__(self, x, *args, **kwargs):
-        call = _active_call()
+        call = self.state.call
         if call is None:
+            self.state.unseen(f"blocks.{self.index}.attn")
             return self.original(x, *args, **kwargs)
-        attn = self.module
+        if not call.active:
+            return self.original(x, *args, **kwargs)
+        name = f"blocks.{self.index}.attn"
+        if not call.student:
+            return self.capture_original(name, call, x, *args, **kwargs)
         n = x.shape[1]
         if call.grid[0] * call.grid[1] != n:
             raise EDiTError(f"PixArt block {self.index}: {n} tokens do not fill the {call.grid} token grid")
-        q, k, v = pixart_qkv(attn, x)
-        if call.student:
-            out = self.layer(x, q, k, v, call.grid)
-        else:
-            heads = attn.num_heads
-            out = merge_heads(comfy_attention.optimized_attention(
-                split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), heads,
-                skip_reshape=True, skip_output_reshape=True, transformer_options=call.transformer_options))
+        q, k, v = pixart_qkv(self.module, x)
+        out = self.layer(x, q, k, v, call.grid)
         if call.sink is not None:
-            call.sink(f"blocks.{self.index}.attn", call.grid, dict(x=x, out=out))
-        return attn.proj(out)
+            call.sink(name, call.grid, dict(x=x, out=out))
+        return self.module.proj(out)
+
+    def capture_original(self, name, call: EditCall, x, *args, **kwargs):
+        """The original forward, exactly as core runs it, with its attention output (the input
+        of ``proj``) handed to the sink."""
+        seen = []
+        hook = self.module.proj.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+        try:
+            result = self.original(x, *args, **kwargs)
+        finally:
+            hook.remove()
+        call.sink(name, call.grid, dict(x=x, out=seen[0]))
+        return result
 
 
 def layer_inputs(diffusion_model, name: str, inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -260,12 +326,36 @@ def layer_inputs(diffusion_model, name: str, inputs: Dict[str, torch.Tensor]) ->
     return dict(x=inputs["x"], q=x_qkv[0], k=x_qkv[1], v=x_qkv[2], q_txt=ctx_qkv[0], k_txt=ctx_qkv[1], v_txt=ctx_qkv[2])
 
 
-PATCH_TYPES = (ModelForwardPatch, SD3BlockPatch, PixArtAttentionPatch)
+PATCH_TYPES = (SD3BlockPatch, PixArtAttentionPatch)
+BANK_PATCHERS = "_edit_model_patchers"  # attribute of a bank: its ModelPatcher per (load, offload) device
+BANK_COMPILED = "_edit_compiled_layers"  # attribute of a bank: its compiled layers per (name, backend)
 
 
 def _original(patcher, name):
     obj = patcher.get_model_object(name)
     return obj.original if isinstance(obj, PATCH_TYPES) else obj
+
+
+def bank_model_patcher(bank: EDiTBank, load_device, offload_device):
+    """The one ModelPatcher of ``bank`` for these devices, kept on the bank for its lifetime:
+    ComfyUI's loaded-model bookkeeping expects a patcher to live as long as its model."""
+    patchers = bank.__dict__.setdefault(BANK_PATCHERS, {})
+    key = (str(load_device), str(offload_device))
+    if key not in patchers:
+        patchers[key] = comfy.model_patcher.ModelPatcher(bank, load_device=load_device, offload_device=offload_device)
+    return patchers[key]
+
+
+def bank_layer(bank: EDiTBank, name: str, compile_backend: Optional[str]):
+    """A bank layer, compiled with ``compile_backend`` if one is given (kept on the bank, so
+    applying the bank again reuses what was compiled)."""
+    layer = bank.layer(name)
+    if compile_backend is None:
+        return layer
+    compiled = bank.__dict__.setdefault(BANK_COMPILED, {})
+    if (name, compile_backend) not in compiled:
+        compiled[name, compile_backend] = torch.compile(layer, backend=compile_backend, dynamic=False)
+    return compiled[name, compile_backend]
 
 
 def apply_edit(patcher, bank: EDiTBank, options: EditOptions = EditOptions(), source: Optional[str] = None):
@@ -279,26 +369,49 @@ def apply_edit(patcher, bank: EDiTBank, options: EditOptions = EditOptions(), so
     m = patcher.clone()
     for key in [k for k, v in m.object_patches.items() if isinstance(v, PATCH_TYPES)]:
         del m.object_patches[key]
+    m.remove_wrappers_with_key(APPLY_MODEL, WRAPPER_KEY)
     dm = m.get_model_object("diffusion_model")
-    patches = {"diffusion_model.forward": ModelForwardPatch(_original(m, "diffusion_model.forward"), spec.family,
-                                                            options, m.model)}
+    state = EditState()
+    patches = {}
+    def layer(name):
+        return bank_layer(bank, name, options.compile_backend) if name in selected else None
+
     if spec.family == "sd3":
         for i, block in enumerate(dm.joint_blocks):
-            attn = bank.layer(f"joint_blocks.{i}.attn") if f"joint_blocks.{i}.attn" in selected else None
-            attn2 = bank.layer(f"joint_blocks.{i}.attn2") if f"joint_blocks.{i}.attn2" in selected else None
+            attn, attn2 = layer(f"joint_blocks.{i}.attn"), layer(f"joint_blocks.{i}.attn2")
             if attn is not None or attn2 is not None:
                 key = f"diffusion_model.joint_blocks.{i}.forward"
-                patches[key] = SD3BlockPatch(_original(m, key), block, i, attn, attn2)
+                patches[key] = SD3BlockPatch(_original(m, key), block, i, attn, attn2, state)
     else:
         for i, block in enumerate(dm.blocks):
             if f"blocks.{i}.attn" in selected:
                 key = f"diffusion_model.blocks.{i}.attn.forward"
-                patches[key] = PixArtAttentionPatch(_original(m, key), block.attn, i, bank.layer(f"blocks.{i}.attn"))
+                patches[key] = PixArtAttentionPatch(_original(m, key), block.attn, i, layer(f"blocks.{i}.attn"), state)
     for key, patch in patches.items():
         m.add_object_patch(key, patch)
-    bank_patcher = comfy.model_patcher.ModelPatcher(bank, load_device=m.load_device, offload_device=m.offload_device)
-    m.set_additional_models(BANK_KEY, [bank_patcher])
+    m.add_wrapper_with_key(APPLY_MODEL, WRAPPER_KEY, EditWrapper(spec.family, options, state))
+    m.set_additional_models(BANK_KEY, [bank_model_patcher(bank, m.load_device, m.offload_device)])
     return m
+
+
+def add_wrapper_outside_edit(patcher, key: str, wrapper):
+    """Add an ``APPLY_MODEL`` wrapper that runs outside EDiT's (ComfyUI runs a model's wrappers
+    in the order they were added, first outermost): one that sets ``edit_mode`` or
+    ``edit_capture`` in transformer_options must, for EDiT's wrapper to see them."""
+    wrappers = patcher.wrappers.setdefault(APPLY_MODEL, {})
+    edit = wrappers.pop(WRAPPER_KEY, None)
+    wrappers.setdefault(key, []).append(wrapper)
+    if edit is not None:
+        wrappers[WRAPPER_KEY] = edit
+
+
+def model_call_options(patcher, **extra) -> dict:
+    """transformer_options for calling ``patcher.model.apply_model`` outside a sampler the way a
+    sampler does: the patcher's transformer_options and wrappers (EDiT's among them), plus ``extra``."""
+    to = comfy.patcher_extension.copy_nested_dicts(patcher.model_options.get("transformer_options", {}))
+    comfy.patcher_extension.merge_nested_dicts(to.setdefault("wrappers", {}), patcher.wrappers, copy_dict1=False)
+    to.update(extra)
+    return to
 
 
 def call_model(patcher, x, t, conds: Dict, mode: str, capture: Optional[CaptureSink] = None):
@@ -306,10 +419,7 @@ def call_model(patcher, x, t, conds: Dict, mode: str, capture: Optional[CaptureS
     denoised prediction for latent ``x`` at sigma ``t`` with ``conds`` (c_crossattn, y, ...),
     EDiT forced to ``mode`` (TEACHER or STUDENT) and, optionally, a capture sink. The
     patcher's wrappers and transformer_options take part as they do inside a sampler."""
-    import comfy.patcher_extension
-    to = comfy.patcher_extension.copy_nested_dicts(patcher.model_options.get("transformer_options", {}))
-    comfy.patcher_extension.merge_nested_dicts(to.setdefault("wrappers", {}), patcher.wrappers, copy_dict1=False)
-    to.update(edit_mode=mode, edit_capture=capture)
+    to = model_call_options(patcher, edit_mode=mode, edit_capture=capture)
     return patcher.model.apply_model(x, t, transformer_options=to, **conds)
 
 

@@ -11,7 +11,7 @@ import comfy.model_management
 from .bank import EDiTError
 from .comfy_model import conditioning_dims, diffusion_model
 from .memory import measure_peak
-from .patcher import STUDENT, TEACHER, edit_bank_of
+from .patcher import STUDENT, TEACHER, call_model, edit_bank_of
 from .plots import bar_chart
 
 
@@ -95,15 +95,16 @@ def speed_test(patcher, width: int, height: int, batch: int = 1, prompt_tokens: 
     """
     if edit_bank_of(patcher) is None:
         raise EDiTError("the speed test needs an EDiT-patched model: connect the MODEL output of Apply EDiT")
-    comfy.model_management.load_models_gpu([patcher])
+    # The bank is an additional model: load it with the model, as sampling does, so no call
+    # copies its weights to the device.
+    comfy.model_management.load_models_gpu([patcher] + patcher.get_nested_additional_models())
     inputs = model_inputs(patcher, batch, width, height, prompt_tokens)
+    conds = {k: v for k, v in inputs.items() if k not in ("x", "t")}
     device = patcher.load_device
     report = SpeedReport(width, height, batch, prompt_tokens, str(device))
-    model = patcher.model
     for mode in (TEACHER, STUDENT):
         def call(mode=mode):
-            return model.apply_model(inputs["x"], inputs["t"], c_crossattn=inputs["c_crossattn"], y=inputs.get("y"),
-                                     transformer_options={"edit_mode": mode})
+            return call_model(patcher, inputs["x"], inputs["t"], conds, mode)
         report.times[mode] = median_time(call, repeats, warmup, device, on_run)
         report.peak_bytes[mode] = measure_peak(call, device)["peak_extra_bytes"]
     return report

@@ -5,6 +5,7 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.supported_models
 
+from edit_core.patcher import model_call_options
 from edit_core.tiny_models import SD3_CONTEXT_DIM, SD3_POOLED_DIM, randomize_
 
 
@@ -20,10 +21,11 @@ def pixart_inputs(batch=2, latent_hw=(34, 50), tokens=12, sigma=5.0):
 
 @torch.no_grad()
 def run(patcher, inputs, **transformer_options):
-    """Load the patcher as sampling does (object patches applied) and call apply_model once."""
-    comfy.model_management.load_models_gpu([patcher])
+    """Load the patcher as sampling does (object patches applied, additional models loaded)
+    and call apply_model once with its wrappers, as a sampler does."""
+    comfy.model_management.load_models_gpu([patcher] + patcher.get_nested_additional_models())
     return patcher.model.apply_model(inputs["x"], inputs["t"], c_crossattn=inputs["c_crossattn"], y=inputs.get("y"),
-                                     transformer_options=dict(transformer_options))
+                                     transformer_options=model_call_options(patcher, **transformer_options))
 
 
 def randomized_bank(bank, seed=0, scale=0.2):

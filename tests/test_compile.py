@@ -1,15 +1,27 @@
-"""The EDiT attention path compiles with torch.compile(fullgraph=True): no graph breaks.
+"""EDiT compiles with torch.compile(fullgraph=True): no graph breaks.
 
-Small shapes on CPU (inductor needs a C++ compiler, gcc here); each compiled function is
-checked against its eager result. Compiled code is not the default path; this keeps the
-code compile-friendly for users who wrap the model in torch.compile.
+The attention math and modules on their own, and whole EDiT-patched ComfyUI models compiled
+through ComfyUI's compile-node code path. Small shapes on CPU (inductor needs a C++
+compiler, gcc here); each compiled result is checked against eager.
 """
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
+import comfy.ldm.modules.attention as comfy_attention
+import comfy.sample
+import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
+import comfy.ldm.pixart.blocks as pixart_blocks
+from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+from edit_core import tiny_models
 from edit_core.attention import linear_attention, mm_edit_attention
+from edit_core.bank import init_bank
+from edit_core.comfy_model import model_spec
 from edit_core.modules import EDiTAttention, HybridEDiTAttention
+from edit_core.patcher import STUDENT, TEACHER, EditOptions, apply_edit
 
+from model_helpers import pixart_inputs, randomized_bank, run, sd3_inputs
 from test_attention import FP32_TOL, features, mm_inputs, rel_err
 from test_modules import randomize
 
@@ -69,3 +81,88 @@ def test_hybrid_edit_attention_compiles(prompt_rows):
     assert (out[0] is None) == (not prompt_rows)
     if prompt_rows:
         assert rel_err(out[0], ref[0].double()) < FP32_TOL
+
+
+# -- whole patched ComfyUI models, compiled the way ComfyUI's TorchCompileModel node does ------
+
+@pytest.fixture
+def pytorch_attention(monkeypatch):
+    """ComfyUI's PyTorch attention (its default on CUDA) for core's own attention calls. On a
+    CPU ComfyUI picks sub-quadratic attention, which reads the free memory through psutil:
+    a graph break in core's code, not in the patch."""
+    for module in (comfy_attention, mmdit, pixart_blocks):
+        monkeypatch.setattr(module, "optimized_attention", comfy_attention.attention_pytorch)
+
+
+def tiny_model(family):
+    """(model, random bank, inputs); SD3.5: an MMDiT-X block (joint attention + attn2) and the
+    pre_only last block."""
+    if family == "sd35":
+        base = tiny_models.sd3_patcher(depth=2, mmditx_layers=(0,), qk_norm=True, seed=4)
+        inputs = sd3_inputs(batch=2, latent_hw=(16, 16), tokens=8)
+    else:
+        base = tiny_models.pixart_patcher(hidden=64, heads=2, depth=2, seed=5)
+        inputs = pixart_inputs(batch=2, latent_hw=(34, 40), tokens=8)
+    return base, randomized_bank(init_bank(model_spec(base))), inputs
+
+
+def patched_tiny_model(family):
+    base, bank, inputs = tiny_model(family)
+    return apply_edit(base, bank), inputs
+
+
+def compiled_clone(patcher, backend):
+    """A clone compiled by ComfyUI's own compile-node code path (an APPLY_MODEL wrapper that
+    swaps in the compiled diffusion model), with fullgraph=True: any graph break raises."""
+    m = patcher.clone()
+    set_torch_compile_wrapper(m, backend=backend, fullgraph=True, dynamic=False)
+    return m
+
+
+def sample(patcher, family, seed, steps=3):
+    """A short CFG run with ComfyUI's sampler: the transformer_options every step gets."""
+    g = torch.Generator().manual_seed(seed)
+    extra = (lambda: {"pooled_output": torch.randn(1, 2048, generator=g)}) if family == "sd35" else dict
+    pos, neg = ([[torch.randn(1, 8, 4096, generator=g), extra()]] for _ in range(2))
+    latent = torch.zeros(1, 16, 16, 16) if family == "sd35" else torch.zeros(1, 4, 34, 40)
+    noise = torch.randn(latent.shape, generator=g)
+    return comfy.sample.sample(patcher, noise, steps, 4.0, "euler", "simple", pos, neg, latent, seed=seed)
+
+
+@pytest.mark.parametrize("family", ["sd35", "pixart"])
+def test_patched_model_compiles_whole_without_graph_breaks(family, pytorch_attention):
+    patched, inputs = patched_tiny_model(family)
+    eager = {mode: run(patched, inputs, edit_mode=mode) for mode in (TEACHER, STUDENT)}
+    eager_sampled = sample(patched, family, seed=0)
+    compiled = compiled_clone(patched, "eager")  # Dynamo's capture alone: fast; inductor below
+    counters.clear()
+    for mode in (TEACHER, STUDENT, STUDENT):
+        assert torch.equal(run(compiled, inputs, edit_mode=mode), eager[mode])
+    assert counters["stats"]["unique_graphs"] == 2  # one per mode, no recompilation
+    assert torch.equal(sample(compiled, family, seed=0), eager_sampled)
+    graphs = counters["stats"]["unique_graphs"]
+    sample(compiled, family, seed=1)  # another run: new prompts, noise, sigmas, cond uuids
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert dict(counters["graph_break"]) == {}
+
+
+@pytest.mark.parametrize("family", ["sd35", "pixart"])
+def test_patched_model_under_inductor_matches_eager(family, pytorch_attention):
+    patched, inputs = patched_tiny_model(family)
+    eager = run(patched, inputs)
+    out = run(compiled_clone(patched, "inductor"), inputs)
+    assert rel_err(out, eager.double()) < FP32_TOL
+
+
+@pytest.mark.parametrize("family", ["sd35", "pixart"])
+def test_compiled_edit_layers_option(family, pytorch_attention):
+    base, bank, inputs = tiny_model(family)
+    eager = run(apply_edit(base, bank), inputs)
+    counters.clear()
+    options = EditOptions(compile_backend="eager")  # Dynamo's capture; the GPU benchmark measures inductor
+    assert torch.equal(run(apply_edit(base, bank, options), inputs), eager)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    assert torch.equal(run(apply_edit(base, bank, options), inputs), eager)  # the bank's compiled layers again
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert dict(counters["graph_break"]) == {}

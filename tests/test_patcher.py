@@ -13,8 +13,8 @@ from edit_core import tiny_models
 from edit_core.bank import EDiTError, init_bank
 from edit_core.comfy_model import model_spec
 from edit_core.modules import merge_heads, split_heads
-from edit_core.patcher import (STUDENT, TEACHER, EditOptions, PixArtAttentionPatch, SD3BlockPatch, apply_edit,
-                               edit_bank_of, edit_call)
+from edit_core.patcher import (STUDENT, TEACHER, EditOptions, EditState, PixArtAttentionPatch, SD3BlockPatch,
+                               apply_edit, edit_bank_of)
 from edit_core.reference import edit_attention_ref, hybrid_attention_ref
 
 from model_helpers import pixart_inputs, randomized_bank, run, sd3_inputs, sd15_patcher
@@ -125,10 +125,11 @@ def test_sd3_patched_blocks_match_float64_reference(sd3, grid, n_txt, batch):
     for i, block in enumerate(dm.joint_blocks):  # includes the pre_only last block
         layer = bank.layer(f"joint_blocks.{i}.attn")
         layer2 = bank.layer(f"joint_blocks.{i}.attn2") if block.x_block.x_block_self_attn else None
-        patch = SD3BlockPatch(block.forward, block, i, layer, layer2)
+        state = EditState()
+        patch = SD3BlockPatch(block.forward, block, i, layer, layer2, state)
         context, x, vec = torch.randn(batch, n_txt, c), torch.randn(batch, grid[0] * grid[1], c), torch.randn(batch, c)
-        with torch.no_grad(), edit_call(True, grid):
-            out_ctx, out_x = patch(context, x, c=vec, transformer_options={})
+        with torch.no_grad(), state.running(True, grid) as to:
+            out_ctx, out_x = patch(context, x, c=vec, use_checkpoint=False, transformer_options=to)
             ref_ctx, ref_x = sd3_block_reference(block, layer, layer2, context, x, vec, grid)
         assert rel_err(out_x, ref_x) < FP32_TOL
         if block.context_block.pre_only:
@@ -158,9 +159,11 @@ def test_pixart_patched_blocks_match_float64_reference(pixart, grid, batch):
     for i, block in enumerate(dm.blocks):
         layer = bank.layer(f"blocks.{i}.attn")
         x, y, t = torch.randn(batch, grid[0] * grid[1], c), torch.randn(1, batch * 12, c), torch.randn(batch, 6 * c)
-        block.attn.forward = PixArtAttentionPatch(type(block.attn).forward.__get__(block.attn), block.attn, i, layer)
+        state = EditState()
+        block.attn.forward = PixArtAttentionPatch(type(block.attn).forward.__get__(block.attn), block.attn, i, layer,
+                                                  state)
         try:
-            with torch.no_grad(), edit_call(True, grid):
+            with torch.no_grad(), state.running(True, grid):
                 out = block(x, y, t, HW=(2 * grid[0], 2 * grid[1]))
         finally:
             del block.attn.forward
@@ -177,8 +180,9 @@ def test_sd3_block_in_low_precision_matches_float64_reference(sd35, dtype):
     low = copy.deepcopy(block).to(dtype)
     grid, c = (9, 14), sd35.model.diffusion_model.hidden_size
     context, x, vec = (torch.randn(2, 20, c).to(dtype), torch.randn(2, 126, c).to(dtype), torch.randn(2, c).to(dtype))
-    with torch.no_grad(), edit_call(True, grid):
-        _, out_x = SD3BlockPatch(low.forward, low, 0, layer, layer2)(context, x, c=vec, transformer_options={})
+    state = EditState()
+    with torch.no_grad(), state.running(True, grid) as to:
+        _, out_x = SD3BlockPatch(low.forward, low, 0, layer, layer2, state)(context, x, c=vec, transformer_options=to)
         _, ref_x = sd3_block_reference(low, layer, layer2, context, x, vec, grid)
     assert out_x.dtype == dtype and torch.isfinite(out_x).all()
     # The block's own projections and MLP also run in low precision here.
@@ -289,6 +293,51 @@ def test_lora_on_attention_projections_composes_with_edit_in_either_order(family
     edit_only = run(apply_edit(base, bank), inputs)
     assert torch.equal(a, b)
     assert not torch.allclose(a, edit_only, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["sd3", "pixart"])
+def test_a_call_edits_wrapper_did_not_see_runs_the_original_and_warns_once(family, sd35, pixart, caplog):
+    base = sd35 if family == "sd3" else pixart
+    patched = apply_edit(base, randomized_bank(init_bank(model_spec(base))))
+    inputs = family_inputs(base)
+    original = run(base, inputs)
+    assert not torch.equal(run(patched, inputs), original)
+    with caplog.at_level(logging.WARNING), torch.no_grad():
+        for _ in range(2):  # apply_model without the patcher's wrappers: EDiT's wrapper never runs
+            out = patched.model.apply_model(inputs["x"], inputs["t"], c_crossattn=inputs["c_crossattn"],
+                                            y=inputs.get("y"), transformer_options={})
+            assert torch.equal(out, original)
+    assert len([r for r in caplog.records if "EDiT's wrapper did not see" in r.getMessage()]) == 1
+
+
+def query_scaling_override(calls):
+    """An attention override (ComfyUI 0.3.75's ``optimized_attention_override``) that changes
+    the result: the way to see who honours it."""
+    def override(func, *args, **kwargs):
+        calls.append(args[0].shape)
+        return func(args[0] * 0.5, *args[1:], **kwargs)
+    return override
+
+
+@pytest.mark.parametrize("family", ["sd3", "pixart"])
+def test_edit_off_and_teacher_calls_match_core_under_an_attention_override(family, sd35, pixart):
+    base = sd35 if family == "sd3" else pixart
+    calls = []
+    overridden = base.clone()
+    overridden.model_options["transformer_options"]["optimized_attention_override"] = query_scaling_override(calls)
+    bank = randomized_bank(init_bank(model_spec(base)))
+    inputs = family_inputs(base)
+    original = run(overridden, inputs)
+    patched = apply_edit(overridden, bank)
+    assert torch.equal(run(apply_edit(overridden, bank, EditOptions(enabled=False)), inputs), original)
+    assert torch.equal(run(patched, inputs, edit_mode=TEACHER), original)
+    calls.clear()
+    student = run(patched, inputs)
+    assert not torch.allclose(student, original, atol=1e-3)
+    if family == "sd3":  # core SD3 passes transformer_options to its attention; core PixArt (0.3.75) does not
+        assert not torch.equal(original, run(base, inputs)), "the override changed nothing: the test tests nothing"
+        assert calls, "EDiT's softmax parts did not go through the attention override"
+        assert not torch.equal(student, run(apply_edit(base, bank), inputs))
 
 
 def test_unsupported_model_gets_a_clear_error():

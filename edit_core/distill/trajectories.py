@@ -11,10 +11,9 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 import comfy.model_management
-import comfy.patcher_extension
 import comfy.sample
 
-from ..patcher import TEACHER
+from ..patcher import TEACHER, add_wrapper_outside_edit
 from .cache import Job, TrajectoryCache, input_group
 
 WRAPPER_KEY = "comfyui_edit_distill"
@@ -72,7 +71,7 @@ def record_trajectory(student, positive, negative, job: Job, sampler: str, sched
         return out
 
     m = student.clone()
-    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, teacher_call)
+    add_wrapper_outside_edit(m, WRAPPER_KEY, teacher_call)  # it sets edit_mode: EDiT's wrapper must see it
     final = sample(m, positive, negative, job.resolution[0], job.resolution[1], job.seed, sampler, scheduler,
                    steps, cfg)
     return tuple(grid), samples, info, final
