@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Compatibility run: the server, workflow and patcher-equivalence tests against the ComfyUI
-# folder at PATH (any version, e.g. a git checkout of ComfyUI).
+# Compatibility run: the server, workflow, patcher-equivalence and stacking tests against the
+# ComfyUI folder at PATH (any version, e.g. a git checkout of ComfyUI).
 #
 #   bash scripts/compat.sh PATH [pytest arguments, e.g. -k name]
 #
@@ -74,4 +74,4 @@ echo "compat: extra packages for ComfyUI $version: $("$py" -m pip list --disable
 
 cd "$repo"
 EDIT_COMFYUI_DIR=$comfy EDIT_PYTHON=$py bash scripts/test.sh -q \
-  tests/test_server.py tests/test_workflows.py tests/test_patcher.py "$@"
+  tests/test_server.py tests/test_server_compat.py tests/test_workflows.py tests/test_patcher.py tests/test_stacking.py "$@"
