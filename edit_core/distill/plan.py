@@ -1,0 +1,489 @@
+"""How much memory and disk a distillation needs, known before it starts.
+
+    python -m edit_core.distill.plan --model sd35-medium --resolutions 512 1024 2048 \\
+        --batch-size 1 --mode layerwise+e2e --device-memory 24GiB
+
+The model's architecture is built at full depth and width through ComfyUI's own classes
+under PyTorch's FakeTensorMode (shapes and dtypes, no data, nothing computed), patched with
+an EDiT bank, and one teacher pass and one training step run on it while
+``PeakTensorMemory`` counts the bytes of every live tensor. The peak of a step is what is
+resident (weights, bank, AdamW state) plus the largest amount the step holds at once
+(activations, captured layer tensors, gradients, optimizer temporaries).
+
+Self-attention is measured with PyTorch's fused attention (ComfyUI's "pytorch" attention,
+what it uses on CUDA): it never forms the N x N score matrix. Not counted: the CUDA context
+and allocator fragmentation (``--reserve``, default 1 GiB, is kept free for them), kernel
+workspaces. ``check_fits`` is what the node and the distill CLI call before any work.
+"""
+import argparse
+import contextvars
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ..bank import BankConfig, EDiTBank, EDiTError, layer_kind
+from ..memory import PeakTensorMemory, storage_bytes
+
+GiB = 2 ** 30
+MiB = 2 ** 20
+STEP_MODES = ("layerwise", "e2e")
+# The issue's targets: (family, mode, resolution) -> GiB, bf16, batch 1.
+STEP_TARGETS = {("layerwise", 1024): 16.0, ("layerwise", 2048): 22.0, ("e2e", 1024): 20.0}
+TEACHER_DATA_TARGET = 2 * MiB  # per image at 1024 px
+FALLBACK_RESOLUTIONS = (1536, 1024, 768, 512)
+
+
+def parse_bytes(text: str) -> int:
+    """'24GiB', '24 GB', '16g', '8000MiB', '12.5' (GiB) -> bytes (GB and GiB both mean 2**30 here,
+    as GPU makers' "24 GB" cards hold 24 GiB)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", str(text).lower())
+    if not m:
+        raise EDiTError(f"{text!r} is not a memory size like 24GiB, 24GB or 8000MiB")
+    unit = {"": GiB, "k": 2 ** 10, "m": MiB, "g": GiB, "t": 2 ** 40}[m.group(2)]
+    return int(float(m.group(1)) * unit)
+
+
+def gib(n: int) -> str:
+    return f"{n / GiB:.2f}"
+
+
+@dataclass(frozen=True)
+class Measured:
+    """Peak bytes of one pass: resident (held before it starts) + counted (its own tensors)."""
+    resident: int
+    counted: int
+
+    @property
+    def peak(self) -> int:
+        return self.resident + self.counted
+
+
+@dataclass(frozen=True)
+class Row:
+    resolution: int
+    mode: str       # "layerwise" or "e2e"
+    batch: int
+    teacher: Measured
+    step: Measured
+
+    def fits(self, budget: int) -> bool:
+        return max(self.teacher.peak, self.step.peak) <= budget
+
+
+@dataclass
+class Plan:
+    model: str
+    description: str
+    budget: int                     # device bytes the run may use (after the reserve)
+    device_note: str
+    rows: List[Row]
+    teacher_data: Optional[Dict] = None  # {"bytes", "images", "per_image"}
+    suggestions: List[str] = field(default_factory=list)
+    targets: List[Tuple[str, str, bool]] = field(default_factory=list)  # (what, measured, passed)
+    refuse: bool = True             # False where the device's memory is not a hard limit (CPU)
+
+    @property
+    def fits(self) -> bool:
+        return all(r.fits(self.budget) for r in self.rows)
+
+    def table(self) -> str:
+        lines = [f"EDiT distillation plan: {self.model} ({self.description})", self.device_note]
+        if self.teacher_data:
+            td = self.teacher_data
+            lines.append(f"teacher data on disk: {td['bytes'] / MiB:.1f} MiB for {td['images']} images "
+                         f"({td['per_image'] / MiB:.2f} MiB per image)")
+        lines += ["", "| resolution | mode | batch | teacher pass (GiB) | training step (GiB) | fits |",
+                  "|---|---|---|---|---|---|"]
+        for r in self.rows:
+            lines.append(f"| {r.resolution} px | {r.mode} | {r.batch} | {gib(r.teacher.peak)} | {gib(r.step.peak)} | "
+                         f"{'yes' if r.fits(self.budget) else 'NO'} |")
+        if self.targets:
+            lines += ["", "targets (bf16, batch 1):"]
+            lines += [f"- {what}: {measured} {'PASS' if ok else 'FAIL'}" for what, measured, ok in self.targets]
+        if self.suggestions:
+            lines += ["", "settings that would fit:"] + [f"- {s}" for s in self.suggestions]
+        return "\n".join(lines)
+
+
+class FakeModel:
+    """One architecture at full size with fake tensors: the EDiT-patched ModelPatcher, its bank
+    and AdamW with its state (as from the second step on), inside its own FakeTensorMode."""
+
+    def __init__(self, model_config, bank_config: Optional[BankConfig], dtype):
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        import comfy.ldm.modules.attention as comfy_attention
+        from ..comfy_model import model_spec
+        from ..patcher import apply_edit
+        from ..real_models import build_patcher
+
+        self.dtype = dtype
+        self.mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with self.mode:
+            base = build_patcher(model_config, dtype)
+            base.model.requires_grad_(False)  # only the bank trains
+            spec = model_spec(base)
+            if bank_config is None:
+                bank_config = BankConfig(spec.family, spec.hidden_size, spec.heads, spec.depth, spec.layers)
+            self.bank = EDiTBank(bank_config)
+            self.patched = apply_edit(base, self.bank)
+            self.patched.model_options["transformer_options"]["optimized_attention_override"] = _fused_attention
+            self.patched.patch_model(load_weights=False)  # object patches only: the weights are already "there"
+            self.optimizer = torch.optim.AdamW(self.bank.parameters(), lr=1e-3)
+            for p in self.bank.parameters():
+                p.grad = torch.zeros_like(p)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.spec = spec
+        self.weights = storage_bytes(list(base.model.parameters()) + list(base.model.buffers()))
+        self.bank_bytes = storage_bytes(self.bank.parameters())
+        self.optimizer_bytes = storage_bytes(v for s in self.optimizer.state.values() for v in s.values())
+        self.parameters = sum(p.numel() for p in base.model.diffusion_model.parameters())
+        self._comfy_attention = comfy_attention
+
+    def describe(self) -> str:
+        s = self.spec
+        return (f"{s.family}, depth {s.depth}, hidden {s.hidden_size}, {s.heads} heads, "
+                f"{self.parameters / 1e9:.2f} B parameters, {str(self.dtype).replace('torch.', '')} weights "
+                f"{gib(self.weights)} GiB; bank {len(self.bank.config.layers)} layers "
+                f"{sum(p.numel() for p in self.bank.parameters()) / 1e6:.1f} M parameters, "
+                f"with AdamW state {gib(self.bank_bytes + self.optimizer_bytes)} GiB")
+
+    def _inputs(self, batch: int, resolution: int):
+        from ..real_models import example_inputs
+        return example_inputs(self.patched, batch, (resolution, resolution), self.dtype)
+
+    def _count(self, fn) -> int:
+        with self.mode, PeakTensorMemory() as counter:
+            fn()
+        return counter.peak
+
+    def teacher_pass(self, batch: int, resolution: int) -> Measured:
+        """One sampler call of the teacher while generating teacher data: CFG doubles the rows."""
+        from ..patcher import TEACHER, call_model
+
+        def run():
+            x, t, conds = self._inputs(2 * batch, resolution)
+            with torch.no_grad():
+                call_model(self.patched, x, t, conds, TEACHER, _discard)
+        return Measured(self.weights + self.bank_bytes, self._count(run))
+
+    def training_step(self, batch: int, resolution: int, mode: str) -> Measured:
+        def run():
+            x, t, conds = self._inputs(batch, resolution)
+            _training_step(self.patched, self.bank, self.optimizer, x, t, conds, mode)
+        return Measured(self.weights + self.bank_bytes + self.optimizer_bytes, self._count(run))
+
+
+def _fused_attention(func, *args, **kwargs):
+    """``optimized_attention_override``: PyTorch's fused attention, as ComfyUI picks on CUDA."""
+    import comfy.ldm.modules.attention as comfy_attention
+    return comfy_attention.attention_pytorch(*args, **kwargs)
+
+
+def _discard(name, grid, tensors):
+    """A capture sink that keeps nothing: routes every layer through the EDiT patch's teacher path."""
+
+
+def _relative_mse(student, teacher):
+    s, t = student.float(), teacher.float()
+    return (s - t).square().mean() / t.square().mean().clamp_min(1e-12)
+
+
+def _layer_output(bank, name, inputs, grid):
+    layer = bank.layer(name)
+    if layer_kind(bank.config.family, name) == "hybrid":
+        return layer(inputs["x"], inputs["q_txt"], inputs["k_txt"], inputs["v_txt"], inputs["q"], inputs["k"],
+                     inputs["v"], grid, prompt_rows=False)[1]
+    return layer(inputs["x"], inputs["q"], inputs["k"], inputs["v"], grid)
+
+
+class _CheckpointedBlocks:
+    """Activation checkpointing around every transformer block for the length of a ``with``."""
+
+    def __init__(self, diffusion_model):
+        self.blocks = list(getattr(diffusion_model, "joint_blocks", None) or diffusion_model.blocks)
+
+    def __enter__(self):
+        for block in self.blocks:
+            block.forward = _checkpointed(block.forward)
+
+    def __exit__(self, *exc):
+        for block in self.blocks:
+            del block.forward  # the instance attribute; an object patch underneath stays
+
+
+def _checkpointed(forward):
+    def run(*args, **kwargs):
+        # The recomputation in backward must see this call's EDiT state (a ContextVar), not the caller's.
+        context = contextvars.copy_context()
+        return checkpoint(lambda *a, **k: context.run(forward, *a, **k), *args, use_reentrant=False, **kwargs)
+    return run
+
+
+def _training_step(patched, bank, optimizer, x, t, conds, mode):
+    """One optimiser step from one example (a re-statement of the distillation's step): the
+    teacher (EDiT off, no grad) runs with a capture sink; layer-wise, each converted layer's
+    student learns from the captured inputs at once and the tensors are dropped; end-to-end,
+    the student runs with per-block checkpointing against the teacher's layer outputs and
+    prediction."""
+    from ..comfy_model import diffusion_model
+    from ..patcher import STUDENT, TEACHER, call_model, layer_inputs
+    dm = diffusion_model(patched)
+    layers = set(bank.config.layers)
+    if mode == "layerwise":
+        def learn(name, grid, tensors):
+            if name not in layers:
+                return
+            inputs = layer_inputs(dm, name, tensors)
+            with torch.enable_grad():
+                (_relative_mse(_layer_output(bank, name, inputs, grid), tensors["out"]) / len(layers)).backward()
+        with torch.no_grad():
+            call_model(patched, x, t, conds, TEACHER, learn)
+    else:
+        refs, outs = {}, {}
+        with torch.no_grad():
+            target = call_model(patched, x, t, conds, TEACHER, lambda n, g, d: refs.__setitem__(n, d["out"]))
+        def record(name, grid, tensors):
+            if recording:  # not again when backward recomputes a block
+                outs[name] = tensors["out"]
+        recording = True
+        with torch.enable_grad(), _CheckpointedBlocks(dm):
+            out = call_model(patched, x, t, conds, STUDENT, record)
+            loss = torch.stack([_relative_mse(outs[n], refs[n]) for n in bank.config.layers]).mean()
+            loss = loss + _relative_mse(out, target)
+            recording = False
+            outs.clear(), refs.clear()
+            del out, target
+            loss.backward()
+    torch.nn.utils.clip_grad_norm_(bank.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+@lru_cache(maxsize=4)
+def fake_model(arch_key: str, bank_key: str, dtype_name: str) -> FakeModel:
+    """Built once per (architecture, bank, dtype) in a process; measurements are cached on it too."""
+    from ..real_models import model_config_from_unet_config
+    unet_config = json.loads(arch_key)
+    bank_config = None if not bank_key else _bank_config_from_key(bank_key)
+    return FakeModel(model_config_from_unet_config(unet_config, "the model"), bank_config, getattr(torch, dtype_name))
+
+
+def _bank_key(config: Optional[BankConfig]) -> str:
+    if config is None:
+        return ""
+    return json.dumps({"family": config.family, "hidden_size": config.hidden_size, "heads": config.heads,
+                       "depth": config.depth, "layers": list(config.layers), **config.hparams()}, sort_keys=True)
+
+
+def _bank_config_from_key(key: str) -> BankConfig:
+    d = json.loads(key)
+    d["layers"] = tuple(d["layers"])
+    return BankConfig(**d)
+
+
+def _arch_key(model_config) -> str:
+    unet_config = {k: v for k, v in model_config.unet_config.items() if k not in ("dtype", "device", "operations")}
+    return json.dumps(unet_config, sort_keys=True, default=str)
+
+
+_MEASURED: Dict[Tuple, Measured] = {}
+
+
+def measure(model: FakeModel, what: str, batch: int, resolution: int) -> Measured:
+    """``what``: "teacher", "layerwise" or "e2e"; cached per model, pass, batch and resolution."""
+    key = (id(model), what, batch, resolution)
+    if key not in _MEASURED:
+        if what == "teacher":
+            _MEASURED[key] = model.teacher_pass(batch, resolution)
+        else:
+            _MEASURED[key] = model.training_step(batch, resolution, what)
+    return _MEASURED[key]
+
+
+def row(model: FakeModel, resolution: int, mode: str, batch: int) -> Row:
+    return Row(resolution, mode, batch, measure(model, "teacher", batch, resolution),
+               measure(model, mode, batch, resolution))
+
+
+def modes_of(mode: str) -> Tuple[str, ...]:
+    return STEP_MODES if mode == "layerwise+e2e" else (mode,)
+
+
+def suggestions(model: FakeModel, resolutions: Sequence[int], mode: str, batch: int, budget: int) -> List[str]:
+    """Settings that would fit where the requested ones do not: a smaller batch, layer-wise
+    only, a lower top resolution. Each one is measured, not guessed."""
+    out = []
+    failing = [(r, m) for r in resolutions for m in modes_of(mode) if not row(model, r, m, batch).fits(budget)]
+    if not failing:
+        return out
+    for b in range(batch - 1, 0, -1):
+        if all(row(model, r, m, b).fits(budget) for r in resolutions for m in modes_of(mode)):
+            out.append(f"--batch-size {b}")
+            break
+    if mode != "layerwise" and all(row(model, r, "layerwise", batch).fits(budget) for r in resolutions):
+        out.append("--mode layerwise")
+    top = max(resolutions)
+    for r in sorted({*resolutions, *FALLBACK_RESOLUTIONS}, reverse=True):
+        if r < top and all(row(model, s, m, 1).fits(budget) for s in resolutions if s <= r for m in modes_of(mode)):
+            kept = [s for s in sorted(resolutions) if s <= r] or [r]
+            out.append(f"--resolutions {' '.join(map(str, kept))} (top resolution {r} px)"
+                       + ("" if batch == 1 else " --batch-size 1"))
+            break
+    if not out:
+        out.append("nothing tried fits: use a device with more memory")
+    return out
+
+
+def targets(model: FakeModel) -> List[Tuple[str, str, bool]]:
+    """The issue's step targets for this model, measured at batch 1."""
+    out = []
+    for (mode, res), limit in STEP_TARGETS.items():
+        peak = measure(model, mode, 1, res).peak
+        out.append((f"{'layer-wise' if mode == 'layerwise' else 'end-to-end'} step <= {limit:g} GiB @{res} px",
+                    f"{gib(peak)} GiB", peak <= limit * GiB))
+    return out
+
+
+def teacher_data_estimate(model: FakeModel, resolutions: Sequence[int], n_prompts: int, n_seeds: int,
+                          prompt_tokens: Optional[int] = None) -> Dict:
+    """Teacher data on disk: per image its final latent (bf16), per prompt its conditioning
+    (cond and the shared uncond, bf16)."""
+    from ..real_models import PROMPT_TOKENS
+    from ..comfy_model import conditioning_dims
+    channels = model.patched.model.latent_format.latent_channels
+    context_dim, pooled_dim = conditioning_dims(model.patched)
+    tokens = prompt_tokens or PROMPT_TOKENS[model.spec.family]
+    cond = 2 * (tokens * context_dim + pooled_dim)
+    latents = sum(2 * channels * (r // 8) ** 2 for r in resolutions) * n_prompts * n_seeds
+    total = latents + cond * (n_prompts + 1)
+    images = len(resolutions) * n_prompts * n_seeds
+    return {"bytes": total, "images": images, "per_image": total / images}
+
+
+def device_budget(device, reserve: int, device_memory: Optional[int] = None) -> Tuple[int, str, bool]:
+    """(bytes the run may use, a line saying where that came from, whether to refuse over it)."""
+    if device_memory is not None:
+        return device_memory - reserve, (f"device memory {gib(device_memory)} GiB, {gib(reserve)} GiB kept for "
+                                         f"the CUDA context and fragmentation: budget {gib(device_memory - reserve)} GiB"), True
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        usable = free + torch.cuda.memory_reserved(device)  # ComfyUI can unload what this process holds
+        return usable - reserve, (f"{device}: {gib(usable)} GiB free to this process (of {gib(total)} GiB), "
+                                  f"{gib(reserve)} GiB kept for fragmentation: budget {gib(usable - reserve)} GiB"), True
+    import psutil
+    available = psutil.virtual_memory().available
+    return available, (f"{device}: {gib(available)} GiB RAM available; on a CPU the run is not refused "
+                       "(the OS can swap), the table says what it will use"), False
+
+
+def make_plan(model_config, name: str, resolutions: Sequence[int], mode: str, batch: int, budget_line,
+              bank_config: Optional[BankConfig] = None, dtype=torch.bfloat16, prompts: int = 0, seeds: int = 0,
+              with_targets: bool = False) -> Plan:
+    model = fake_model(_arch_key(model_config), _bank_key(bank_config), str(dtype).replace("torch.", ""))
+    budget, note, refuse = budget_line
+    rows = [row(model, r, m, batch) for r in sorted(resolutions) for m in modes_of(mode)]
+    plan = Plan(name, model.describe(), budget, note, rows, refuse=refuse)
+    if prompts and seeds:
+        plan.teacher_data = teacher_data_estimate(model, resolutions, prompts, seeds)
+    if not plan.fits:
+        plan.suggestions = suggestions(model, resolutions, mode, batch, budget)
+    if with_targets:
+        plan.targets = targets(model)
+        per_image = teacher_data_estimate(model, [1024], 1, 1)["per_image"] if not plan.teacher_data else None
+        td = teacher_data_estimate(model, [1024], max(prompts, 1), max(seeds, 1))
+        per_image = td["per_image"] if per_image is None else per_image
+        plan.targets.append((f"teacher data <= 2 MiB per image @1024 px ({max(prompts, 1)} prompts x "
+                             f"{max(seeds, 1)} seeds)", f"{td['per_image'] / MiB:.2f} MiB", td["per_image"] <= TEACHER_DATA_TARGET))
+    return plan
+
+
+def check_fits(model_patcher, config, bank_config: Optional[BankConfig], device, reserve: int = GiB,
+               n_prompts: int = 0) -> Plan:
+    """The plan for distilling ``model_patcher`` with ``config`` (a DistillConfig) on ``device``;
+    raises EDiTError with the table and the settings that would fit when it does not fit the
+    device's free memory (CUDA). On a CPU nothing is refused. Builds the loaded model's own
+    architecture, fake; cached per (architecture, resolution, mode, batch)."""
+    from ..real_models import model_config_of
+    resolutions = sorted({max(w, h) for w, h in config.resolutions})
+    name = type(model_patcher.model.diffusion_model).__name__
+    plan = make_plan(model_config_of(model_patcher), name, resolutions, config.mode, config.batch_size,
+                     device_budget(device, reserve), bank_config, prompts=n_prompts, seeds=len(config.seeds))
+    if plan.refuse and not plan.fits:
+        raise EDiTError("this distillation does not fit the device's memory; nothing was started.\n" + plan.table())
+    return plan
+
+
+def _list_arg(kind):
+    """argparse type for list options that accept '512 1024' and '512,1024'."""
+    def parse(text):
+        try:
+            return [kind(p) for p in text.split(",") if p.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a list of {kind.__name__} values")
+    return parse
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m edit_core.distill.plan", description=__doc__, allow_abbrev=False,
+                                formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, width=100))
+    h = " (default: %(default)s)"
+    p.add_argument("--model", default="sd35-medium",
+                   help="sd35-medium, pixart-sigma, or a checkpoint file (only its header is read)" + h)
+    p.add_argument("--resolutions", nargs="+", type=_list_arg(int), default=[[512, 1024, 2048]],
+                   help="square training resolutions in px, e.g. 512 1024 2048 or 512,1024" + h)
+    p.add_argument("--batch-size", type=int, default=1, help="examples per training step" + h)
+    p.add_argument("--mode", choices=("layerwise", "e2e", "layerwise+e2e"), default="layerwise+e2e", help=h.strip())
+    p.add_argument("--device-memory", default="24GiB", help="memory of the GPU to plan for" + h)
+    p.add_argument("--reserve", default="1GiB", help="kept free for the CUDA context and fragmentation" + h)
+    p.add_argument("--prompts", type=int, default=4, help="prompts, for the teacher-data size" + h)
+    p.add_argument("--seeds", type=int, default=2, help="seeds per prompt, for the teacher-data size" + h)
+    p.add_argument("--json", help="also write the plan as JSON to this file")
+    p.add_argument("--comfyui", help="ComfyUI folder (default: $EDIT_COMFYUI_DIR or the one this pack is in)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from ..comfy_env import setup_comfy
+    setup_comfy(args.comfyui)
+    from ..real_models import model_config_for
+    resolutions = sorted({r for group in args.resolutions for r in group})
+    if not resolutions or min(resolutions) < 64 or any(r % 16 for r in resolutions):
+        raise EDiTError(f"--resolutions must be multiples of 16 px, at least 64, got {resolutions}")
+    if args.batch_size < 1:
+        raise EDiTError(f"--batch-size must be >= 1, got {args.batch_size}")
+    device_memory, reserve = parse_bytes(args.device_memory), parse_bytes(args.reserve)
+    budget_line = device_budget("cuda", reserve, device_memory)
+    plan = make_plan(model_config_for(args.model), args.model, resolutions, args.mode, args.batch_size, budget_line,
+                     prompts=args.prompts, seeds=args.seeds, with_targets=True)
+    print(plan.table())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(plan_json(plan), f, indent=1)
+    return 0 if plan.fits else 1
+
+
+def plan_json(plan: Plan) -> Dict:
+    return {"model": plan.model, "description": plan.description, "budget_bytes": plan.budget, "fits": plan.fits,
+            "teacher_data": plan.teacher_data, "suggestions": plan.suggestions,
+            "targets": [{"target": w, "measured": m, "pass": ok} for w, m, ok in plan.targets],
+            "rows": [{"resolution": r.resolution, "mode": r.mode, "batch": r.batch,
+                      "teacher_peak_bytes": r.teacher.peak, "step_peak_bytes": r.step.peak,
+                      "step_resident_bytes": r.step.resident, "step_counted_bytes": r.step.counted,
+                      "fits": r.fits(plan.budget)} for r in plan.rows]}
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except EDiTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
