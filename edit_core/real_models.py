@@ -4,8 +4,8 @@ ComfyUI's own model classes, with random weights or none at all (ComfyUI-aware).
 The configs below are what ComfyUI's model detection (``comfy.model_detection``) produces
 for the published checkpoints; ``model_config_from_file`` runs that detection on any
 checkpoint's header (shapes only, no tensor is read), and ``model_config_of`` takes it from
-a loaded model. ``build_patcher`` builds the model inside whatever tensor mode is active:
-under ``FakeTensorMode`` no weight memory is allocated (a 2.2 B-parameter SD3.5-M builds
+a loaded model. ``build_patcher`` builds the model with real or fake weights:
+with fake ones (``FakeTensorMode``) no weight memory is allocated (a 2.2 B-parameter SD3.5-M builds
 in a fraction of a second), which is how the distillation plan measures memory; for real runs
 ``tiny_models.randomize_`` fills the weights.
 """
@@ -91,16 +91,23 @@ def model_config_for(name_or_path: str):
     return model_config_from_file(name_or_path)
 
 
-def build_patcher(model_config, dtype=torch.bfloat16, device="cpu"):
-    """A ComfyUI ModelPatcher around a freshly built model of ``model_config`` with uninitialised
-    weights in ``dtype`` (fake ones inside FakeTensorMode)."""
+def build_patcher(model_config, dtype=torch.bfloat16, fake_mode=None):
+    """A ComfyUI ModelPatcher (CPU) around a freshly built model of ``model_config`` with
+    uninitialised weights in ``dtype``. With ``fake_mode`` (a FakeTensorMode) the weights are
+    fake: built on the meta device (model constructors may read values, e.g. PixArt's
+    drop-path schedule, which fake tensors cannot give) and then made fake CPU tensors."""
     model_config = copy.copy(model_config)
     model_config.unet_config = dict(model_config.unet_config)
     model_config.set_inference_dtype(dtype, None)
     model_config.custom_operations = None
     model_config.scaled_fp8 = None
-    model = model_config.get_model({}, "", device=torch.device(device))
-    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device(device), offload_device=torch.device(device))
+    cpu = torch.device("cpu")
+    model = model_config.get_model({}, "", device=torch.device("meta") if fake_mode is not None else cpu)
+    if fake_mode is not None:
+        with fake_mode:
+            model.diffusion_model.to_empty(device=cpu)
+        model.device = cpu
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
 
 def example_inputs(patcher, batch: int, resolution, dtype=torch.bfloat16, sigma: float = 0.5, tokens=None):

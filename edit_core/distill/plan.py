@@ -20,6 +20,7 @@ import contextvars
 import json
 import re
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -53,6 +54,11 @@ def gib(n: int) -> str:
     return f"{n / GiB:.2f}"
 
 
+def px(resolution: Tuple[int, int]) -> str:
+    w, h = resolution
+    return f"{w} px" if w == h else f"{w}x{h} px"
+
+
 @dataclass(frozen=True)
 class Measured:
     """Peak bytes of one pass: resident (held before it starts) + counted (its own tensors)."""
@@ -66,7 +72,7 @@ class Measured:
 
 @dataclass(frozen=True)
 class Row:
-    resolution: int
+    resolution: Tuple[int, int]  # (width, height) px
     mode: str       # "layerwise" or "e2e"
     batch: int
     teacher: Measured
@@ -101,7 +107,7 @@ class Plan:
         lines += ["", "| resolution | mode | batch | teacher pass (GiB) | training step (GiB) | fits |",
                   "|---|---|---|---|---|---|"]
         for r in self.rows:
-            lines.append(f"| {r.resolution} px | {r.mode} | {r.batch} | {gib(r.teacher.peak)} | {gib(r.step.peak)} | "
+            lines.append(f"| {px(r.resolution)} | {r.mode} | {r.batch} | {gib(r.teacher.peak)} | {gib(r.step.peak)} | "
                          f"{'yes' if r.fits(self.budget) else 'NO'} |")
         if self.targets:
             lines += ["", "targets (bf16, batch 1):"]
@@ -111,21 +117,25 @@ class Plan:
         return "\n".join(lines)
 
 
-class FakeModel:
-    """One architecture at full size with fake tensors: the EDiT-patched ModelPatcher, its bank
-    and AdamW with its state (as from the second step on), inside its own FakeTensorMode."""
+class PlanModel:
+    """One architecture at full size: the EDiT-patched ModelPatcher, its bank and AdamW with its
+    state (as from the second step on). ``fake``: fake tensors inside its own FakeTensorMode
+    (nothing allocated); otherwise real tensors with seeded random weights (the cross-check)."""
 
-    def __init__(self, model_config, bank_config: Optional[BankConfig], dtype):
+    def __init__(self, model_config, bank_config: Optional[BankConfig], dtype, fake: bool = True, seed: int = 0):
         from torch._subclasses.fake_tensor import FakeTensorMode
-        import comfy.ldm.modules.attention as comfy_attention
         from ..comfy_model import model_spec
         from ..patcher import apply_edit
         from ..real_models import build_patcher
+        from ..tiny_models import randomize_
 
         self.dtype = dtype
-        self.mode = FakeTensorMode(allow_non_fake_inputs=True)
-        with self.mode:
-            base = build_patcher(model_config, dtype)
+        self.mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext()
+        base = build_patcher(model_config, dtype, self.mode if fake else None)
+        with self.mode, torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if not fake:
+                randomize_(base.model.diffusion_model, seed)
             base.model.requires_grad_(False)  # only the bank trains
             spec = model_spec(base)
             if bank_config is None:
@@ -133,7 +143,7 @@ class FakeModel:
             self.bank = EDiTBank(bank_config)
             self.patched = apply_edit(base, self.bank)
             self.patched.model_options["transformer_options"]["optimized_attention_override"] = _fused_attention
-            self.patched.patch_model(load_weights=False)  # object patches only: the weights are already "there"
+            self.patched.patch_model(load_weights=False)  # object patches only: the weights are already there
             self.optimizer = torch.optim.AdamW(self.bank.parameters(), lr=1e-3)
             for p in self.bank.parameters():
                 p.grad = torch.zeros_like(p)
@@ -144,7 +154,6 @@ class FakeModel:
         self.bank_bytes = storage_bytes(self.bank.parameters())
         self.optimizer_bytes = storage_bytes(v for s in self.optimizer.state.values() for v in s.values())
         self.parameters = sum(p.numel() for p in base.model.diffusion_model.parameters())
-        self._comfy_attention = comfy_attention
 
     def describe(self) -> str:
         s = self.spec
@@ -154,16 +163,18 @@ class FakeModel:
                 f"{sum(p.numel() for p in self.bank.parameters()) / 1e6:.1f} M parameters, "
                 f"with AdamW state {gib(self.bank_bytes + self.optimizer_bytes)} GiB")
 
-    def _inputs(self, batch: int, resolution: int):
+    def _inputs(self, batch: int, resolution: Tuple[int, int]):
         from ..real_models import example_inputs
-        return example_inputs(self.patched, batch, (resolution, resolution), self.dtype)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(batch)
+            return example_inputs(self.patched, batch, resolution, self.dtype)
 
     def _count(self, fn) -> int:
         with self.mode, PeakTensorMemory() as counter:
             fn()
         return counter.peak
 
-    def teacher_pass(self, batch: int, resolution: int) -> Measured:
+    def teacher_pass(self, batch: int, resolution: Tuple[int, int]) -> Measured:
         """One sampler call of the teacher while generating teacher data: CFG doubles the rows."""
         from ..patcher import TEACHER, call_model
 
@@ -173,7 +184,7 @@ class FakeModel:
                 call_model(self.patched, x, t, conds, TEACHER, _discard)
         return Measured(self.weights + self.bank_bytes, self._count(run))
 
-    def training_step(self, batch: int, resolution: int, mode: str) -> Measured:
+    def training_step(self, batch: int, resolution: Tuple[int, int], mode: str) -> Measured:
         def run():
             x, t, conds = self._inputs(batch, resolution)
             _training_step(self.patched, self.bank, self.optimizer, x, t, conds, mode)
@@ -210,12 +221,16 @@ class _CheckpointedBlocks:
         self.blocks = list(getattr(diffusion_model, "joint_blocks", None) or diffusion_model.blocks)
 
     def __enter__(self):
+        self.saved = [block.__dict__.get("forward") for block in self.blocks]  # EDiT's object patches
         for block in self.blocks:
             block.forward = _checkpointed(block.forward)
 
     def __exit__(self, *exc):
-        for block in self.blocks:
-            del block.forward  # the instance attribute; an object patch underneath stays
+        for block, forward in zip(self.blocks, self.saved):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
 
 
 def _checkpointed(forward):
@@ -267,12 +282,12 @@ def _training_step(patched, bank, optimizer, x, t, conds, mode):
 
 
 @lru_cache(maxsize=4)
-def fake_model(arch_key: str, bank_key: str, dtype_name: str) -> FakeModel:
+def fake_model(arch_key: str, bank_key: str, dtype_name: str) -> PlanModel:
     """Built once per (architecture, bank, dtype) in a process; measurements are cached on it too."""
     from ..real_models import model_config_from_unet_config
     unet_config = json.loads(arch_key)
     bank_config = None if not bank_key else _bank_config_from_key(bank_key)
-    return FakeModel(model_config_from_unet_config(unet_config, "the model"), bank_config, getattr(torch, dtype_name))
+    return PlanModel(model_config_from_unet_config(unet_config, "the model"), bank_config, getattr(torch, dtype_name))
 
 
 def _bank_key(config: Optional[BankConfig]) -> str:
@@ -296,7 +311,7 @@ def _arch_key(model_config) -> str:
 _MEASURED: Dict[Tuple, Measured] = {}
 
 
-def measure(model: FakeModel, what: str, batch: int, resolution: int) -> Measured:
+def measure(model: PlanModel, what: str, batch: int, resolution: Tuple[int, int]) -> Measured:
     """``what``: "teacher", "layerwise" or "e2e"; cached per model, pass, batch and resolution."""
     key = (id(model), what, batch, resolution)
     if key not in _MEASURED:
@@ -307,7 +322,7 @@ def measure(model: FakeModel, what: str, batch: int, resolution: int) -> Measure
     return _MEASURED[key]
 
 
-def row(model: FakeModel, resolution: int, mode: str, batch: int) -> Row:
+def row(model: PlanModel, resolution: Tuple[int, int], mode: str, batch: int) -> Row:
     return Row(resolution, mode, batch, measure(model, "teacher", batch, resolution),
                measure(model, mode, batch, resolution))
 
@@ -316,7 +331,7 @@ def modes_of(mode: str) -> Tuple[str, ...]:
     return STEP_MODES if mode == "layerwise+e2e" else (mode,)
 
 
-def suggestions(model: FakeModel, resolutions: Sequence[int], mode: str, batch: int, budget: int) -> List[str]:
+def suggestions(model: PlanModel, resolutions: Sequence[Tuple[int, int]], mode: str, batch: int, budget: int) -> List[str]:
     """Settings that would fit where the requested ones do not: a smaller batch, layer-wise
     only, a lower top resolution. Each one is measured, not guessed."""
     out = []
@@ -329,29 +344,35 @@ def suggestions(model: FakeModel, resolutions: Sequence[int], mode: str, batch: 
             break
     if mode != "layerwise" and all(row(model, r, "layerwise", batch).fits(budget) for r in resolutions):
         out.append("--mode layerwise")
-    top = max(resolutions)
-    for r in sorted({*resolutions, *FALLBACK_RESOLUTIONS}, reverse=True):
-        if r < top and all(row(model, s, m, 1).fits(budget) for s in resolutions if s <= r for m in modes_of(mode)):
-            kept = [s for s in sorted(resolutions) if s <= r] or [r]
-            out.append(f"--resolutions {' '.join(map(str, kept))} (top resolution {r} px)"
-                       + ("" if batch == 1 else " --batch-size 1"))
+    area = lambda r: r[0] * r[1]
+    top = max(map(area, resolutions))
+    candidates = {*resolutions, *((r, r) for r in FALLBACK_RESOLUTIONS)}
+    for r in sorted((c for c in candidates if area(c) < top), key=area, reverse=True):
+        kept = [s for s in resolutions if area(s) <= area(r)] or [r]
+        if all(row(model, s, m, 1).fits(budget) for s in kept for m in modes_of(mode)):
+            out.append(f"--resolutions {' '.join(f'{w}x{h}' if w != h else str(w) for w, h in sorted(kept, key=area))}"
+                       f" (top resolution {px(r)}){'' if batch == 1 else ' --batch-size 1'}")
             break
     if not out:
         out.append("nothing tried fits: use a device with more memory")
     return out
 
 
-def targets(model: FakeModel) -> List[Tuple[str, str, bool]]:
-    """The issue's step targets for this model, measured at batch 1."""
+def targets(model: PlanModel, prompts: int, seeds: int) -> List[Tuple[str, str, bool]]:
+    """The issue's targets for this model: training steps measured at batch 1, and teacher
+    data per image at 1024 px (conditioning shared by a prompt's seeds)."""
     out = []
     for (mode, res), limit in STEP_TARGETS.items():
-        peak = measure(model, mode, 1, res).peak
+        peak = measure(model, mode, 1, (res, res)).peak
         out.append((f"{'layer-wise' if mode == 'layerwise' else 'end-to-end'} step <= {limit:g} GiB @{res} px",
                     f"{gib(peak)} GiB", peak <= limit * GiB))
+    per_image = teacher_data_estimate(model, [(1024, 1024)], prompts, seeds)["per_image"]
+    out.append((f"teacher data <= 2 MiB per image @1024 px ({prompts} prompts x {seeds} seeds)",
+                f"{per_image / MiB:.2f} MiB", per_image <= TEACHER_DATA_TARGET))
     return out
 
 
-def teacher_data_estimate(model: FakeModel, resolutions: Sequence[int], n_prompts: int, n_seeds: int,
+def teacher_data_estimate(model: PlanModel, resolutions: Sequence[Tuple[int, int]], n_prompts: int, n_seeds: int,
                           prompt_tokens: Optional[int] = None) -> Dict:
     """Teacher data on disk: per image its final latent (bf16), per prompt its conditioning
     (cond and the shared uncond, bf16)."""
@@ -361,7 +382,7 @@ def teacher_data_estimate(model: FakeModel, resolutions: Sequence[int], n_prompt
     context_dim, pooled_dim = conditioning_dims(model.patched)
     tokens = prompt_tokens or PROMPT_TOKENS[model.spec.family]
     cond = 2 * (tokens * context_dim + pooled_dim)
-    latents = sum(2 * channels * (r // 8) ** 2 for r in resolutions) * n_prompts * n_seeds
+    latents = sum(2 * channels * (w // 8) * (h // 8) for w, h in resolutions) * n_prompts * n_seeds
     total = latents + cond * (n_prompts + 1)
     images = len(resolutions) * n_prompts * n_seeds
     return {"bytes": total, "images": images, "per_image": total / images}
@@ -384,38 +405,35 @@ def device_budget(device, reserve: int, device_memory: Optional[int] = None) -> 
                        "(the OS can swap), the table says what it will use"), False
 
 
-def make_plan(model_config, name: str, resolutions: Sequence[int], mode: str, batch: int, budget_line,
+def make_plan(model_config, name: str, resolutions: Sequence[Tuple[int, int]], mode: str, batch: int, budget_line,
               bank_config: Optional[BankConfig] = None, dtype=torch.bfloat16, prompts: int = 0, seeds: int = 0,
               with_targets: bool = False) -> Plan:
     model = fake_model(_arch_key(model_config), _bank_key(bank_config), str(dtype).replace("torch.", ""))
     budget, note, refuse = budget_line
-    rows = [row(model, r, m, batch) for r in sorted(resolutions) for m in modes_of(mode)]
+    resolutions = sorted(set(map(tuple, resolutions)), key=lambda r: (r[0] * r[1], r))
+    rows = [row(model, r, m, batch) for r in resolutions for m in modes_of(mode)]
     plan = Plan(name, model.describe(), budget, note, rows, refuse=refuse)
     if prompts and seeds:
         plan.teacher_data = teacher_data_estimate(model, resolutions, prompts, seeds)
     if not plan.fits:
         plan.suggestions = suggestions(model, resolutions, mode, batch, budget)
     if with_targets:
-        plan.targets = targets(model)
-        per_image = teacher_data_estimate(model, [1024], 1, 1)["per_image"] if not plan.teacher_data else None
-        td = teacher_data_estimate(model, [1024], max(prompts, 1), max(seeds, 1))
-        per_image = td["per_image"] if per_image is None else per_image
-        plan.targets.append((f"teacher data <= 2 MiB per image @1024 px ({max(prompts, 1)} prompts x "
-                             f"{max(seeds, 1)} seeds)", f"{td['per_image'] / MiB:.2f} MiB", td["per_image"] <= TEACHER_DATA_TARGET))
+        plan.targets = targets(model, max(prompts, 1), max(seeds, 1))
     return plan
 
 
 def check_fits(model_patcher, config, bank_config: Optional[BankConfig], device, reserve: int = GiB,
-               n_prompts: int = 0) -> Plan:
+               n_prompts: int = 0, device_memory: Optional[int] = None, dtype=torch.bfloat16) -> Plan:
     """The plan for distilling ``model_patcher`` with ``config`` (a DistillConfig) on ``device``;
     raises EDiTError with the table and the settings that would fit when it does not fit the
-    device's free memory (CUDA). On a CPU nothing is refused. Builds the loaded model's own
-    architecture, fake; cached per (architecture, resolution, mode, batch)."""
+    device's free memory (CUDA, or ``device_memory`` bytes when given). On a CPU without
+    ``device_memory`` nothing is refused. Builds the loaded model's own architecture, fake;
+    measurements are cached per (architecture, bank, resolution, mode, batch) in the process."""
     from ..real_models import model_config_of
-    resolutions = sorted({max(w, h) for w, h in config.resolutions})
     name = type(model_patcher.model.diffusion_model).__name__
-    plan = make_plan(model_config_of(model_patcher), name, resolutions, config.mode, config.batch_size,
-                     device_budget(device, reserve), bank_config, prompts=n_prompts, seeds=len(config.seeds))
+    plan = make_plan(model_config_of(model_patcher), name, config.resolutions, config.mode, config.batch_size,
+                     device_budget(device, reserve, device_memory), bank_config, dtype, prompts=n_prompts,
+                     seeds=len(config.seeds))
     if plan.refuse and not plan.fits:
         raise EDiTError("this distillation does not fit the device's memory; nothing was started.\n" + plan.table())
     return plan
@@ -462,7 +480,8 @@ def main(argv=None):
         raise EDiTError(f"--batch-size must be >= 1, got {args.batch_size}")
     device_memory, reserve = parse_bytes(args.device_memory), parse_bytes(args.reserve)
     budget_line = device_budget("cuda", reserve, device_memory)
-    plan = make_plan(model_config_for(args.model), args.model, resolutions, args.mode, args.batch_size, budget_line,
+    plan = make_plan(model_config_for(args.model), args.model, [(r, r) for r in resolutions], args.mode,
+                     args.batch_size, budget_line,
                      prompts=args.prompts, seeds=args.seeds, with_targets=True)
     print(plan.table())
     if args.json:
@@ -475,7 +494,7 @@ def plan_json(plan: Plan) -> Dict:
     return {"model": plan.model, "description": plan.description, "budget_bytes": plan.budget, "fits": plan.fits,
             "teacher_data": plan.teacher_data, "suggestions": plan.suggestions,
             "targets": [{"target": w, "measured": m, "pass": ok} for w, m, ok in plan.targets],
-            "rows": [{"resolution": r.resolution, "mode": r.mode, "batch": r.batch,
+            "rows": [{"resolution": list(r.resolution), "mode": r.mode, "batch": r.batch,
                       "teacher_peak_bytes": r.teacher.peak, "step_peak_bytes": r.step.peak,
                       "step_resident_bytes": r.step.resident, "step_counted_bytes": r.step.counted,
                       "fits": r.fits(plan.budget)} for r in plan.rows]}
