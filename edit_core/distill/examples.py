@@ -1,0 +1,67 @@
+"""Training examples from teacher data, each a pure function of (seed, step, slot).
+
+An example takes a stored image's final latent x0, one sigma of the schedule its sampler
+called the teacher at, the prompt's (or, with CFG, half of the time the negative prompt's)
+conditioning, and fresh noise; the model input is built with the model's own
+``model_sampling.noise_scaling`` (rectified flow for SD3, eps for PixArt), the distribution
+the teacher was trained on. Fresh noise at every step gives the student an unbounded
+stream of inputs from a handful of stored images, which is why only the final latent is
+kept (docs/distillation.md).
+
+Everything random is drawn from generators seeded by the step, so a resumed run sees the
+same examples as an uninterrupted one and no RNG state needs saving.
+"""
+import math
+from typing import List, Optional, Sequence
+
+import torch
+
+from .cache import Job, TeacherData
+from .losses import Example
+
+
+def batch(pool: Sequence, phase_index: int, step_in_phase: int, size: int, seed: int) -> List:
+    """The items of one optimiser step: consecutive slices of per-epoch permutations seeded
+    by (seed, phase, epoch), so the data position is a pure function of the step."""
+    n, picked = len(pool), []
+    epoch, offset = divmod(step_in_phase * size, n)
+    while len(picked) < size:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + phase_index * 10_007 + epoch)
+        picked += torch.randperm(n, generator=g)[offset:offset + size - len(picked)].tolist()
+        epoch, offset = epoch + 1, 0
+    return [pool[i] for i in picked]
+
+
+def layer_subset(layers: Sequence[str], k: int, seed: int, step: int) -> Sequence[str]:
+    """``k`` of ``layers`` (in model order) for one step; all when k is 0 or >= len(layers)."""
+    if k <= 0 or k >= len(layers):
+        return tuple(layers)
+    g = torch.Generator().manual_seed(seed * 7_919 + step * 31 + 17)
+    chosen = sorted(torch.randperm(len(layers), generator=g)[:k].tolist())
+    return tuple(layers[i] for i in chosen)
+
+
+def make_example(trainer, data: TeacherData, job: Job, seed: int, step: int, slot: int, device,
+                 dtype: Optional[torch.dtype] = None, use_negative: bool = True) -> Example:
+    """Example ``slot`` of optimiser step ``step`` (slot: its index in the global batch)."""
+    image = data.image(job)
+    conds = data.conds(job.prompt)
+    if image is None or conds is None:
+        raise FileNotFoundError(f"teacher data for {job.name} is missing from {data.dir}")
+    latent, sigmas = image
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + slot)
+    sigma = float(sigmas[int(torch.randint(len(sigmas), (), generator=g))])
+    if use_negative and bool(torch.rand((), generator=g) < 0.5):
+        conds = data.conds(None) or conds
+    noise = torch.randn(latent.shape, generator=g).unsqueeze(0)
+    ms = trainer.get_model_object("model_sampling")
+    x0 = trainer.model.process_latent_in(latent.unsqueeze(0))
+    max_denoise = math.isclose(float(ms.sigma_max), sigma, rel_tol=1e-5) or sigma > float(ms.sigma_max)
+    t = torch.tensor([sigma])
+    x = ms.noise_scaling(t, noise, x0, max_denoise=max_denoise)
+
+    def put(v):
+        v = v.to(device)
+        return v.to(dtype) if dtype is not None and v.is_floating_point() else v
+
+    return Example(put(x), t.to(device), {k: put(v.unsqueeze(0)) for k, v in conds.items()})
