@@ -54,6 +54,8 @@ def _header_shapes(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
             size = struct.unpack("<Q", f.read(8))[0]
+            if not 0 < size <= min(path.stat().st_size - 8, 100 * 2 ** 20):
+                raise ValueError(f"a header of {size} bytes")
             header = json.loads(f.read(size))
     except (OSError, struct.error, ValueError) as e:
         raise EDiTError(f"cannot read {path} as a safetensors checkpoint ({type(e).__name__}: {e}); "

@@ -82,13 +82,13 @@ def test_training_step_peak_grows_with_batch_and_e2e_holds_more_than_layerwise()
 def test_plan_table_for_the_tiny_models():
     for name, unet_config in (("tiny-sd3", TINY_SD3), ("tiny-pixart", TINY_PIXART)):
         config = model_config_from_unet_config(unet_config, name)
-        plan = P.make_plan(config, name, [(384, 384), (256, 256)], "layerwise+e2e", 1,
+        plan = P.make_plan(config, name, [(512, 512), (384, 384)], "layerwise+e2e", 1,
                            P.device_budget("cuda", P.GiB, 24 * P.GiB), prompts=4, seeds=2)
-        assert [(r.resolution, r.mode) for r in plan.rows] == [((256, 256), "layerwise"), ((256, 256), "e2e"),
-                                                               ((384, 384), "layerwise"), ((384, 384), "e2e")]
+        assert [(r.resolution, r.mode) for r in plan.rows] == [((384, 384), "layerwise"), ((384, 384), "e2e"),
+                                                               ((512, 512), "layerwise"), ((512, 512), "e2e")]
         assert plan.fits and not plan.suggestions
         table = plan.table()
-        assert "| 384 px | e2e | 1 |" in table and "teacher data on disk" in table and "budget 23.00 GiB" in table
+        assert "| 512 px | e2e | 1 |" in table and "teacher data on disk" in table and "budget 23.00 GiB" in table
         assert plan.teacher_data["images"] == 16
 
 
@@ -134,7 +134,7 @@ def test_model_config_from_a_checkpoint_header_matches_comfyuis_detection(tmp_pa
 
 def test_cli_prints_the_table_and_targets_for_a_checkpoint_file(tmp_path, capsys):
     path = tmp_path / "tiny_sd35.safetensors"
-    save_file(sd3_state_dict(depth=2, mmditx_layers=(0,)), str(path))
+    save_file(sd3_state_dict(depth=2, mmditx_layers=(0,), pos_embed_max_size=128), str(path))  # 2048 px fits
     code = P.main(["--model", str(path), "--resolutions", "128,256", "--mode", "layerwise", "--device-memory", "8GB",
                    "--json", str(tmp_path / "plan.json")])
     out = capsys.readouterr().out

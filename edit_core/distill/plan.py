@@ -16,7 +16,6 @@ and allocator fragmentation (``--reserve``, default 1 GiB, is kept free for them
 workspaces. ``check_fits`` is what the node and the distill CLI call before any work.
 """
 import argparse
-import contextvars
 import json
 import re
 import sys
@@ -26,9 +25,8 @@ from functools import lru_cache
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
-from ..bank import BankConfig, EDiTBank, EDiTError, layer_kind
+from ..bank import BankConfig, EDiTBank, EDiTError
 from ..memory import PeakTensorMemory, storage_bytes
 
 GiB = 2 ** 30
@@ -120,30 +118,37 @@ class Plan:
 class PlanModel:
     """One architecture at full size: the EDiT-patched ModelPatcher, its bank and AdamW with its
     state (as from the second step on). ``fake``: fake tensors inside its own FakeTensorMode
-    (nothing allocated); otherwise real tensors with seeded random weights (the cross-check)."""
+    (nothing allocated); otherwise real tensors with seeded random weights on ``device`` (the
+    cross-checks: a real CPU run, the GPU check)."""
 
-    def __init__(self, model_config, bank_config: Optional[BankConfig], dtype, fake: bool = True, seed: int = 0):
+    def __init__(self, model_config, bank_config: Optional[BankConfig], dtype, fake: bool = True, seed: int = 0,
+                 device="cpu"):
         from torch._subclasses.fake_tensor import FakeTensorMode
         from ..comfy_model import model_spec
-        from ..patcher import apply_edit
         from ..real_models import build_patcher
         from ..tiny_models import randomize_
+        from .losses import StudentLoss
+        from .student import trainer_model
 
-        self.dtype = dtype
+        self.dtype, self.device = dtype, torch.device(device)
         self.mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext()
         base = build_patcher(model_config, dtype, self.mode if fake else None)
         with self.mode, torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             if not fake:
                 randomize_(base.model.diffusion_model, seed)
+                base.model.to(device)
             base.model.requires_grad_(False)  # only the bank trains
             spec = model_spec(base)
             if bank_config is None:
                 bank_config = BankConfig(spec.family, spec.hidden_size, spec.heads, spec.depth, spec.layers)
             self.bank = EDiTBank(bank_config)
-            self.patched = apply_edit(base, self.bank)
-            self.patched.model_options["transformer_options"]["optimized_attention_override"] = _fused_attention
-            self.patched.patch_model(load_weights=False)  # object patches only: the weights are already there
+            if not fake:
+                self.bank.to(device)
+            self.trainer = trainer_model(base, self.bank)  # EDiT + checkpointed blocks, as training runs
+            self.trainer.model_options["transformer_options"]["optimized_attention_override"] = _fused_attention
+            self.trainer.patch_model(load_weights=False)  # object patches only: the weights are already there
+            self.loss_fn = StudentLoss(self.bank, self.trainer)
             self.optimizer = torch.optim.AdamW(self.bank.parameters(), lr=1e-3)
             for p in self.bank.parameters():
                 p.grad = torch.zeros_like(p)
@@ -167,7 +172,8 @@ class PlanModel:
         from ..real_models import example_inputs
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(batch)
-            return example_inputs(self.patched, batch, resolution, self.dtype)
+            x, t, conds = example_inputs(self.trainer, batch, resolution, self.dtype)
+        return x.to(self.device), t.to(self.device), {k: v.to(self.device) for k, v in conds.items()}
 
     def _count(self, fn) -> int:
         with self.mode, PeakTensorMemory() as counter:
@@ -181,13 +187,27 @@ class PlanModel:
         def run():
             x, t, conds = self._inputs(2 * batch, resolution)
             with torch.no_grad():
-                call_model(self.patched, x, t, conds, TEACHER, _discard)
+                call_model(self.trainer, x, t, conds, TEACHER, _discard)
         return Measured(self.weights + self.bank_bytes, self._count(run))
 
-    def training_step(self, batch: int, resolution: Tuple[int, int], mode: str) -> Measured:
+    def step(self, x, t, conds, mode: str, layers=None) -> Dict[str, float]:
+        """One optimiser step on one example, as the distillation takes it (losses.train_example
+        under bf16 autocast, gradient clipping, AdamW)."""
+        from .losses import Example, train_example
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(x.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            parts = train_example(self.loss_fn, Example(x, t, conds), mode, 1.0, layers)
+        torch.nn.utils.clip_grad_norm_(self.bank.parameters(), 1.0)
+        self.optimizer.step()
+        return parts
+
+    def training_step(self, batch: int, resolution: Tuple[int, int], mode: str, layers_per_step: int = 0) -> Measured:
+        """``layers_per_step``: the last k layers (the teacher runs to the end: the worst case)."""
+        layers = self.bank.config.layers[-layers_per_step:] if layers_per_step else None
+
         def run():
             x, t, conds = self._inputs(batch, resolution)
-            _training_step(self.patched, self.bank, self.optimizer, x, t, conds, mode)
+            self.step(x, t, conds, mode, layers)
         return Measured(self.weights + self.bank_bytes + self.optimizer_bytes, self._count(run))
 
 
@@ -199,86 +219,6 @@ def _fused_attention(func, *args, **kwargs):
 
 def _discard(name, grid, tensors):
     """A capture sink that keeps nothing: routes every layer through the EDiT patch's teacher path."""
-
-
-def _relative_mse(student, teacher):
-    s, t = student.float(), teacher.float()
-    return (s - t).square().mean() / t.square().mean().clamp_min(1e-12)
-
-
-def _layer_output(bank, name, inputs, grid):
-    layer = bank.layer(name)
-    if layer_kind(bank.config.family, name) == "hybrid":
-        return layer(inputs["x"], inputs["q_txt"], inputs["k_txt"], inputs["v_txt"], inputs["q"], inputs["k"],
-                     inputs["v"], grid, prompt_rows=False)[1]
-    return layer(inputs["x"], inputs["q"], inputs["k"], inputs["v"], grid)
-
-
-class _CheckpointedBlocks:
-    """Activation checkpointing around every transformer block for the length of a ``with``."""
-
-    def __init__(self, diffusion_model):
-        self.blocks = list(getattr(diffusion_model, "joint_blocks", None) or diffusion_model.blocks)
-
-    def __enter__(self):
-        self.saved = [block.__dict__.get("forward") for block in self.blocks]  # EDiT's object patches
-        for block in self.blocks:
-            block.forward = _checkpointed(block.forward)
-
-    def __exit__(self, *exc):
-        for block, forward in zip(self.blocks, self.saved):
-            if forward is None:
-                del block.forward
-            else:
-                block.forward = forward
-
-
-def _checkpointed(forward):
-    def run(*args, **kwargs):
-        # The recomputation in backward must see this call's EDiT state (a ContextVar), not the caller's.
-        context = contextvars.copy_context()
-        return checkpoint(lambda *a, **k: context.run(forward, *a, **k), *args, use_reentrant=False, **kwargs)
-    return run
-
-
-def _training_step(patched, bank, optimizer, x, t, conds, mode):
-    """One optimiser step from one example (a re-statement of the distillation's step): the
-    teacher (EDiT off, no grad) runs with a capture sink; layer-wise, each converted layer's
-    student learns from the captured inputs at once and the tensors are dropped; end-to-end,
-    the student runs with per-block checkpointing against the teacher's layer outputs and
-    prediction."""
-    from ..comfy_model import diffusion_model
-    from ..patcher import STUDENT, TEACHER, call_model, layer_inputs
-    dm = diffusion_model(patched)
-    layers = set(bank.config.layers)
-    if mode == "layerwise":
-        def learn(name, grid, tensors):
-            if name not in layers:
-                return
-            inputs = layer_inputs(dm, name, tensors)
-            with torch.enable_grad():
-                (_relative_mse(_layer_output(bank, name, inputs, grid), tensors["out"]) / len(layers)).backward()
-        with torch.no_grad():
-            call_model(patched, x, t, conds, TEACHER, learn)
-    else:
-        refs, outs = {}, {}
-        with torch.no_grad():
-            target = call_model(patched, x, t, conds, TEACHER, lambda n, g, d: refs.__setitem__(n, d["out"]))
-        def record(name, grid, tensors):
-            if recording:  # not again when backward recomputes a block
-                outs[name] = tensors["out"]
-        recording = True
-        with torch.enable_grad(), _CheckpointedBlocks(dm):
-            out = call_model(patched, x, t, conds, STUDENT, record)
-            loss = torch.stack([_relative_mse(outs[n], refs[n]) for n in bank.config.layers]).mean()
-            loss = loss + _relative_mse(out, target)
-            recording = False
-            outs.clear(), refs.clear()
-            del out, target
-            loss.backward()
-    torch.nn.utils.clip_grad_norm_(bank.parameters(), 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
 
 
 @lru_cache(maxsize=4)
@@ -311,51 +251,59 @@ def _arch_key(model_config) -> str:
 _MEASURED: Dict[Tuple, Measured] = {}
 
 
-def measure(model: PlanModel, what: str, batch: int, resolution: Tuple[int, int]) -> Measured:
-    """``what``: "teacher", "layerwise" or "e2e"; cached per model, pass, batch and resolution."""
-    key = (id(model), what, batch, resolution)
+def measure(model: PlanModel, what: str, batch: int, resolution: Tuple[int, int], layers_per_step: int = 0) -> Measured:
+    """``what``: "teacher", "layerwise" or "e2e"; cached per model, pass, batch, resolution and layer count."""
+    if layers_per_step >= len(model.bank.config.layers) or what == "teacher":
+        layers_per_step = 0
+    key = (id(model), what, batch, tuple(resolution), layers_per_step)
     if key not in _MEASURED:
         if what == "teacher":
             _MEASURED[key] = model.teacher_pass(batch, resolution)
         else:
-            _MEASURED[key] = model.training_step(batch, resolution, what)
+            _MEASURED[key] = model.training_step(batch, resolution, what, layers_per_step)
     return _MEASURED[key]
 
 
-def row(model: PlanModel, resolution: Tuple[int, int], mode: str, batch: int) -> Row:
+def row(model: PlanModel, resolution: Tuple[int, int], mode: str, batch: int, layers_per_step: int = 0) -> Row:
     return Row(resolution, mode, batch, measure(model, "teacher", batch, resolution),
-               measure(model, mode, batch, resolution))
+               measure(model, mode, batch, resolution, layers_per_step))
 
 
 def modes_of(mode: str) -> Tuple[str, ...]:
     return STEP_MODES if mode == "layerwise+e2e" else (mode,)
 
 
-def suggestions(model: PlanModel, resolutions: Sequence[Tuple[int, int]], mode: str, batch: int, budget: int) -> List[str]:
-    """Settings that would fit where the requested ones do not: a smaller batch, layer-wise
-    only, a lower top resolution. Each one is measured, not guessed."""
+def suggestions(model: PlanModel, resolutions: Sequence[Tuple[int, int]], mode: str, batch: int, budget: int,
+                layers_per_step: int = 0) -> List[str]:
+    """Settings that would fit where the requested ones do not: a smaller batch, fewer layers
+    per step, layer-wise only, a lower top resolution. Each one is measured, not guessed."""
+    def fits(res=resolutions, modes=modes_of(mode), b=batch, k=layers_per_step):
+        return all(row(model, r, m, b, k).fits(budget) for r in res for m in modes)
+
+    if fits():
+        return []
     out = []
-    failing = [(r, m) for r in resolutions for m in modes_of(mode) if not row(model, r, m, batch).fits(budget)]
-    if not failing:
-        return out
     for b in range(batch - 1, 0, -1):
-        if all(row(model, r, m, b).fits(budget) for r in resolutions for m in modes_of(mode)):
+        if fits(b=b):
             out.append(f"--batch-size {b}")
             break
-    if mode != "layerwise" and all(row(model, r, "layerwise", batch).fits(budget) for r in resolutions):
+    n = len(model.bank.config.layers)
+    for k in (n // 2, n // 4, 1):
+        if 0 < k < (layers_per_step or n) and fits(k=k):
+            out.append(f"--layers-per-step {k}")
+            break
+    if mode != "layerwise" and fits(modes=("layerwise",)):
         out.append("--mode layerwise")
     area = lambda r: r[0] * r[1]
     top = max(map(area, resolutions))
     candidates = {*resolutions, *((r, r) for r in FALLBACK_RESOLUTIONS)}
     for r in sorted((c for c in candidates if area(c) < top), key=area, reverse=True):
         kept = [s for s in resolutions if area(s) <= area(r)] or [r]
-        if all(row(model, s, m, 1).fits(budget) for s in kept for m in modes_of(mode)):
+        if fits(res=kept, b=1):
             out.append(f"--resolutions {' '.join(f'{w}x{h}' if w != h else str(w) for w, h in sorted(kept, key=area))}"
                        f" (top resolution {px(r)}){'' if batch == 1 else ' --batch-size 1'}")
             break
-    if not out:
-        out.append("nothing tried fits: use a device with more memory")
-    return out
+    return out or ["nothing tried fits: use a device with more memory"]
 
 
 def targets(model: PlanModel, prompts: int, seeds: int) -> List[Tuple[str, str, bool]]:
@@ -373,17 +321,19 @@ def targets(model: PlanModel, prompts: int, seeds: int) -> List[Tuple[str, str, 
 
 
 def teacher_data_estimate(model: PlanModel, resolutions: Sequence[Tuple[int, int]], n_prompts: int, n_seeds: int,
-                          prompt_tokens: Optional[int] = None) -> Dict:
-    """Teacher data on disk: per image its final latent (bf16), per prompt its conditioning
-    (cond and the shared uncond, bf16)."""
-    from ..real_models import PROMPT_TOKENS
+                          config=None, prompt_tokens: Optional[int] = None) -> Dict:
+    """Teacher data on disk, as the distillation writes it (cache.teacher_data_bytes): per
+    image its final latent and call sigmas, per prompt (and the negative prompt) its
+    conditioning, float32."""
     from ..comfy_model import conditioning_dims
-    channels = model.patched.model.latent_format.latent_channels
-    context_dim, pooled_dim = conditioning_dims(model.patched)
+    from ..real_models import PROMPT_TOKENS
+    from .cache import teacher_data_bytes
+    from .config import DistillConfig
+    channels = model.trainer.model.latent_format.latent_channels
+    context_dim, pooled_dim = conditioning_dims(model.trainer)
     tokens = prompt_tokens or PROMPT_TOKENS[model.spec.family]
-    cond = 2 * (tokens * context_dim + pooled_dim)
-    latents = sum(2 * channels * (w // 8) * (h // 8) for w, h in resolutions) * n_prompts * n_seeds
-    total = latents + cond * (n_prompts + 1)
+    cond = 4 * (tokens * context_dim + pooled_dim)
+    total = teacher_data_bytes(channels, resolutions, n_prompts, n_seeds, cond, config or DistillConfig())
     images = len(resolutions) * n_prompts * n_seeds
     return {"bytes": total, "images": images, "per_image": total / images}
 
@@ -407,16 +357,15 @@ def device_budget(device, reserve: int, device_memory: Optional[int] = None) -> 
 
 def make_plan(model_config, name: str, resolutions: Sequence[Tuple[int, int]], mode: str, batch: int, budget_line,
               bank_config: Optional[BankConfig] = None, dtype=torch.bfloat16, prompts: int = 0, seeds: int = 0,
-              with_targets: bool = False) -> Plan:
+              layers_per_step: int = 0, with_targets: bool = False, distill_config=None) -> Plan:
     model = fake_model(_arch_key(model_config), _bank_key(bank_config), str(dtype).replace("torch.", ""))
     budget, note, refuse = budget_line
     resolutions = sorted(set(map(tuple, resolutions)), key=lambda r: (r[0] * r[1], r))
-    rows = [row(model, r, m, batch) for r in resolutions for m in modes_of(mode)]
+    rows = [row(model, r, m, batch, layers_per_step) for r in resolutions for m in modes_of(mode)]
     plan = Plan(name, model.describe(), budget, note, rows, refuse=refuse)
     if prompts and seeds:
-        plan.teacher_data = teacher_data_estimate(model, resolutions, prompts, seeds)
-    if not plan.fits:
-        plan.suggestions = suggestions(model, resolutions, mode, batch, budget)
+        plan.teacher_data = teacher_data_estimate(model, resolutions, prompts, seeds, distill_config)
+    plan.suggestions = suggestions(model, resolutions, mode, batch, budget, layers_per_step)
     if with_targets:
         plan.targets = targets(model, max(prompts, 1), max(seeds, 1))
     return plan
@@ -433,7 +382,7 @@ def check_fits(model_patcher, config, bank_config: Optional[BankConfig], device,
     name = type(model_patcher.model.diffusion_model).__name__
     plan = make_plan(model_config_of(model_patcher), name, config.resolutions, config.mode, config.batch_size,
                      device_budget(device, reserve, device_memory), bank_config, dtype, prompts=n_prompts,
-                     seeds=len(config.seeds))
+                     seeds=len(config.seeds), layers_per_step=config.layers_per_step, distill_config=config)
     if plan.refuse and not plan.fits:
         raise EDiTError("this distillation does not fit the device's memory; nothing was started.\n" + plan.table())
     return plan
@@ -459,6 +408,7 @@ def build_parser():
                    help="square training resolutions in px, e.g. 512 1024 2048 or 512,1024" + h)
     p.add_argument("--batch-size", type=int, default=1, help="examples per training step" + h)
     p.add_argument("--mode", choices=("layerwise", "e2e", "layerwise+e2e"), default="layerwise+e2e", help=h.strip())
+    p.add_argument("--layers-per-step", type=int, default=0, help="layers trained per step, 0 = all" + h)
     p.add_argument("--device-memory", default="24GiB", help="memory of the GPU to plan for" + h)
     p.add_argument("--reserve", default="1GiB", help="kept free for the CUDA context and fragmentation" + h)
     p.add_argument("--prompts", type=int, default=4, help="prompts, for the teacher-data size" + h)
@@ -481,8 +431,8 @@ def main(argv=None):
     device_memory, reserve = parse_bytes(args.device_memory), parse_bytes(args.reserve)
     budget_line = device_budget("cuda", reserve, device_memory)
     plan = make_plan(model_config_for(args.model), args.model, [(r, r) for r in resolutions], args.mode,
-                     args.batch_size, budget_line,
-                     prompts=args.prompts, seeds=args.seeds, with_targets=True)
+                     args.batch_size, budget_line, prompts=args.prompts, seeds=args.seeds,
+                     layers_per_step=args.layers_per_step, with_targets=True)
     print(plan.table())
     if args.json:
         with open(args.json, "w") as f:
