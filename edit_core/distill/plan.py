@@ -315,8 +315,12 @@ def targets(model: PlanModel, prompts: int, seeds: int) -> List[Tuple[str, str, 
         out.append((f"{'layer-wise' if mode == 'layerwise' else 'end-to-end'} step <= {limit:g} GiB @{res} px",
                     f"{gib(peak)} GiB", peak <= limit * GiB))
     per_image = teacher_data_estimate(model, [(1024, 1024)], prompts, seeds)["per_image"]
-    out.append((f"teacher data <= 2 MiB per image @1024 px ({prompts} prompts x {seeds} seeds)",
-                f"{per_image / MiB:.2f} MiB", per_image <= TEACHER_DATA_TARGET))
+    from .cache import image_bytes
+    from .config import DistillConfig
+    shard = image_bytes(model.trainer.model.latent_format.latent_channels, (1024, 1024), DistillConfig().sample_steps)
+    out.append((f"teacher data <= 2 MiB per image @1024 px ({prompts} prompts x {seeds} seeds, conditioning "
+                f"included)", f"{per_image / MiB:.2f} MiB (image shard {shard / MiB:.2f} MiB)",
+                per_image <= TEACHER_DATA_TARGET))
     return out
 
 

@@ -20,17 +20,19 @@ from typing import Dict, List
 
 import torch
 
-from ..real_models import PIXART_SIGMA, SD35_MEDIUM
 from .plan import PlanModel, gib, measure
 
 MODES = ("layerwise", "e2e")
-# Real width, 2 blocks: the CPU smoke run of the GPU check (SD3's depth sets its width, so
-# the block count is MMDiT's own ``num_blocks``; a 64 x 64 position table instead of 384 x 384).
-SMOKE_MODELS = {
-    "sd35-medium-2blocks": dict(SD35_MEDIUM, num_blocks=2, x_block_self_attn_layers=[0], num_patches=64 * 64,
-                                pos_embed_max_size=64),
-    "pixart-sigma-2blocks": dict(PIXART_SIGMA, depth=2),
-}
+SMOKE_MODELS = ("sd35-medium-2blocks", "pixart-sigma-2blocks")
+
+
+def smoke_unet_config(name: str) -> dict:
+    """Real width, 2 blocks: the CPU smoke run of the GPU check (SD3's depth sets its width, so
+    the block count is MMDiT's own ``num_blocks``; a 64 x 64 position table, not 384 x 384)."""
+    from ..real_models import PIXART_SIGMA, SD35_MEDIUM
+    if name == "sd35-medium-2blocks":
+        return dict(SD35_MEDIUM, num_blocks=2, x_block_self_attn_layers=[0], num_patches=64 * 64, pos_embed_max_size=64)
+    return dict(PIXART_SIGMA, depth=2)
 
 
 class RssPeak:
@@ -126,7 +128,8 @@ def run(models, resolution, device, dtype, repeats, out: Path, title: str, log=p
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in models:
-        config = model_config_from_unet_config(SMOKE_MODELS[name], name) if name in SMOKE_MODELS else model_config_for(name)
+        config = (model_config_from_unet_config(smoke_unet_config(name), name) if name in SMOKE_MODELS
+                  else model_config_for(name))
         rows += check_model(name, config, resolution, device, dtype, repeats, log)
         (out / "stepcheck.json").write_text(json.dumps({
             "title": title, "torch": torch.__version__, "machine": platform.machine(),
