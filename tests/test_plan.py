@@ -77,6 +77,7 @@ def test_training_step_peak_grows_with_batch_and_e2e_holds_more_than_layerwise()
     one, two = (P.measure(model, "e2e", b, (256, 256)) for b in (1, 2))
     assert two.counted > one.counted
     assert P.measure(model, "layerwise", 1, (256, 256)).counted < one.counted
+    assert P.measure(model, "e2e", 1, (256, 256), layers_per_step=1).counted < one.counted  # fewer layer outputs held
 
 
 def test_plan_table_for_the_tiny_models():

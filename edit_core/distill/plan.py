@@ -32,7 +32,7 @@ from ..memory import PeakTensorMemory, storage_bytes
 GiB = 2 ** 30
 MiB = 2 ** 20
 STEP_MODES = ("layerwise", "e2e")
-# The issue's targets: (family, mode, resolution) -> GiB, bf16, batch 1.
+# The issue's targets for both families: (mode, resolution px) -> GiB, bf16, batch 1.
 STEP_TARGETS = {("layerwise", 1024): 16.0, ("layerwise", 2048): 22.0, ("e2e", 1024): 20.0}
 TEACHER_DATA_TARGET = 2 * MiB  # per image at 1024 px
 FALLBACK_RESOLUTIONS = (1536, 1024, 768, 512)
@@ -75,6 +75,7 @@ class Row:
     batch: int
     teacher: Measured
     step: Measured
+    layers_per_step: int = 0
 
     def fits(self, budget: int) -> bool:
         return max(self.teacher.peak, self.step.peak) <= budget
@@ -105,7 +106,8 @@ class Plan:
         lines += ["", "| resolution | mode | batch | teacher pass (GiB) | training step (GiB) | fits |",
                   "|---|---|---|---|---|---|"]
         for r in self.rows:
-            lines.append(f"| {px(r.resolution)} | {r.mode} | {r.batch} | {gib(r.teacher.peak)} | {gib(r.step.peak)} | "
+            mode = f"{r.mode} ({r.layers_per_step} layers)" if r.layers_per_step else r.mode
+            lines.append(f"| {px(r.resolution)} | {mode} | {r.batch} | {gib(r.teacher.peak)} | {gib(r.step.peak)} | "
                          f"{'yes' if r.fits(self.budget) else 'NO'} |")
         if self.targets:
             lines += ["", "targets (bf16, batch 1):"]
@@ -159,6 +161,7 @@ class PlanModel:
         self.bank_bytes = storage_bytes(self.bank.parameters())
         self.optimizer_bytes = storage_bytes(v for s in self.optimizer.state.values() for v in s.values())
         self.parameters = sum(p.numel() for p in base.model.diffusion_model.parameters())
+        self.measured: Dict[Tuple, Measured] = {}  # see measure()
 
     def describe(self) -> str:
         s = self.spec
@@ -248,25 +251,22 @@ def _arch_key(model_config) -> str:
     return json.dumps(unet_config, sort_keys=True, default=str)
 
 
-_MEASURED: Dict[Tuple, Measured] = {}
-
-
 def measure(model: PlanModel, what: str, batch: int, resolution: Tuple[int, int], layers_per_step: int = 0) -> Measured:
     """``what``: "teacher", "layerwise" or "e2e"; cached per model, pass, batch, resolution and layer count."""
     if layers_per_step >= len(model.bank.config.layers) or what == "teacher":
         layers_per_step = 0
-    key = (id(model), what, batch, tuple(resolution), layers_per_step)
-    if key not in _MEASURED:
+    key = (what, batch, tuple(resolution), layers_per_step)
+    if key not in model.measured:
         if what == "teacher":
-            _MEASURED[key] = model.teacher_pass(batch, resolution)
+            model.measured[key] = model.teacher_pass(batch, resolution)
         else:
-            _MEASURED[key] = model.training_step(batch, resolution, what, layers_per_step)
-    return _MEASURED[key]
+            model.measured[key] = model.training_step(batch, resolution, what, layers_per_step)
+    return model.measured[key]
 
 
 def row(model: PlanModel, resolution: Tuple[int, int], mode: str, batch: int, layers_per_step: int = 0) -> Row:
     return Row(resolution, mode, batch, measure(model, "teacher", batch, resolution),
-               measure(model, mode, batch, resolution, layers_per_step))
+               measure(model, mode, batch, resolution, layers_per_step), layers_per_step)
 
 
 def modes_of(mode: str) -> Tuple[str, ...]:
