@@ -298,7 +298,7 @@ def suggestions(model: PlanModel, resolutions: Sequence[Tuple[int, int]], mode: 
     top = max(map(area, resolutions))
     candidates = {*resolutions, *((r, r) for r in FALLBACK_RESOLUTIONS)}
     for r in sorted((c for c in candidates if area(c) < top), key=area, reverse=True):
-        kept = [s for s in resolutions if area(s) <= area(r)] or [r]
+        kept = [s for s in resolutions if area(s) < area(r)] + [r]
         if fits(res=kept, b=1):
             out.append(f"--resolutions {' '.join(f'{w}x{h}' if w != h else str(w) for w, h in sorted(kept, key=area))}"
                        f" (top resolution {px(r)}){'' if batch == 1 else ' --batch-size 1'}")
@@ -383,7 +383,7 @@ def check_fits(model_patcher, config, bank_config: Optional[BankConfig], device,
     ``device_memory`` nothing is refused. Builds the loaded model's own architecture, fake;
     measurements are cached per (architecture, bank, resolution, mode, batch) in the process."""
     from ..real_models import model_config_of
-    name = type(model_patcher.model.diffusion_model).__name__
+    name = f"the loaded {type(model_patcher.model).__name__} model"
     plan = make_plan(model_config_of(model_patcher), name, config.resolutions, config.mode, config.batch_size,
                      device_budget(device, reserve, device_memory), bank_config, dtype, prompts=n_prompts,
                      seeds=len(config.seeds), layers_per_step=config.layers_per_step, distill_config=config)
