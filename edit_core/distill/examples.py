@@ -19,6 +19,9 @@ import torch
 from .cache import Job, TeacherData
 from .losses import Example
 
+import os
+TRAJECTORY_NOISE = float(os.environ.get("EDIT_TRAJ_NOISE", "0.5"))
+
 
 def batch(pool: Sequence, phase_index: int, step_in_phase: int, size: int, seed: int) -> List:
     """The items of one optimiser step: consecutive slices of per-epoch permutations seeded
@@ -41,6 +44,12 @@ def layer_subset(layers: Sequence[str], k: int, seed: int, step: int) -> Sequenc
     return tuple(layers[i] for i in chosen)
 
 
+def starting_noise(shape, seed: int) -> torch.Tensor:
+    """The noise KSampler started the image from (comfy.sample.prepare_noise, without
+    touching the global RNG)."""
+    return torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+
+
 def make_example(trainer, data: TeacherData, job: Job, seed: int, step: int, slot: int, device,
                  dtype: Optional[torch.dtype] = None, use_negative: bool = True) -> Example:
     """Example ``slot`` of optimiser step ``step`` (slot: its index in the global batch)."""
@@ -53,7 +62,10 @@ def make_example(trainer, data: TeacherData, job: Job, seed: int, step: int, slo
     sigma = float(sigmas[int(torch.randint(len(sigmas), (), generator=g))])
     if use_negative and bool(torch.rand((), generator=g) < 0.5):
         conds = data.conds(None) or conds
-    noise = torch.randn(latent.shape, generator=g).unsqueeze(0)
+    if float(torch.rand((), generator=g)) < TRAJECTORY_NOISE:
+        noise = starting_noise(latent.shape, job.seed)
+    else:
+        noise = torch.randn(latent.shape, generator=g).unsqueeze(0)
     ms = trainer.get_model_object("model_sampling")
     x0 = trainer.model.process_latent_in(latent.unsqueeze(0))
     max_denoise = math.isclose(float(ms.sigma_max), sigma, rel_tol=1e-5) or sigma > float(ms.sigma_max)
