@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from statistics import mean
 
+import comfy.sample
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -22,6 +23,7 @@ from edit_core.comfy_model import conditioning_dims, diffusion_model, model_spec
 from edit_core.distill.cache import TeacherData, cond_bytes, image_bytes, image_jobs, teacher_data_bytes
 from edit_core.distill.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from edit_core.distill.config import DistillConfig
+from edit_core.distill.examples import starting_noise
 from edit_core.distill.evaluate import attention_entropy, final_latent_errors
 from edit_core.distill.train import distill
 from edit_core.modules import merge_heads, split_heads
@@ -123,6 +125,8 @@ def test_teacher_data_is_final_latents_and_its_size_is_known_up_front(tmp_path):
     planned = teacher_data_bytes(16, config.resolutions, 2, 2, per_prompt, config)
     assert planned - 4 * 1024 < data.bytes_on_disk() <= planned  # headers are estimated from above
     assert result.teacher_bytes == data.bytes_on_disk()
+    # Examples re-noise with the noise KSampler started each image from.
+    assert torch.equal(starting_noise((16, 16, 24), 7), comfy.sample.prepare_noise(torch.zeros(1, 16, 16, 24), 7))
     # The target: <= 2 MiB per image at 1024 px (SD3.5: 16 latent channels).
     assert image_bytes(16, (1024, 1024), 20) <= 2 * 2**20
 

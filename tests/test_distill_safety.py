@@ -116,7 +116,7 @@ def test_a_broken_teacher_file_is_regenerated(model, tmp_path):
 
 def test_non_finite_training_stops_with_the_step_and_cause_and_keeps_the_last_finite_checkpoint(model, tmp_path):
     cond = conditioner(model)
-    config = DistillConfig(**dict(SMALL, lr=1e30, train_steps=6))
+    config = DistillConfig(**dict(SMALL, lr=1e30, train_steps=6, checkpoint_every=1))
     with pytest.raises(EDiTError) as e:
         distill(model, [cond("a")], cond(""), config, tmp_path)
     message = str(e.value)

@@ -24,6 +24,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .files import complete
+
 FORMAT = "comfyui-edit-teacher-data"
 SHARD_HEADER_BYTES = 512  # safetensors header + metadata of one image shard (measured: ~300)
 
@@ -71,13 +73,13 @@ def _write(path: Path, tensors: Dict[str, torch.Tensor], meta: Dict[str, str]):
 def _read(path: Path, load: bool = True) -> Optional[Dict[str, torch.Tensor]]:
     """The file's tensors (load=False: only checks the header, which safetensors validates
     against the file's size), or None when it is missing, truncated or not ours."""
-    if not path.is_file():
+    if not path.is_file() or complete(path) is not None:
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
             if (f.metadata() or {}).get("format") != FORMAT or not f.keys():
                 return None
-            return {k: f.get_tensor(k) if load else None for k in f.keys()}
+            return {k: f.get_tensor(k).clone() if load else None for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError):
         return None
 

@@ -2,11 +2,11 @@
 
 An example takes a stored image's final latent x0, one sigma of the schedule its sampler
 called the teacher at, the prompt's (or, with CFG, half of the time the negative prompt's)
-conditioning, and fresh noise; the model input is built with the model's own
-``model_sampling.noise_scaling`` (rectified flow for SD3, eps for PixArt), the distribution
-the teacher was trained on. Fresh noise at every step gives the student an unbounded
-stream of inputs from a handful of stored images, which is why only the final latent is
-kept (docs/distillation.md).
+conditioning, and the noise the image was sampled from (regenerated from its seed); the
+model input is built with the model's own ``model_sampling.noise_scaling`` (rectified flow
+for SD3, eps for PixArt). Between its starting noise and its final latent the sampler moves
+close to that line, so these are near the states the student will meet when it samples;
+fresh noise instead was measured to distil worse (docs/distillation.md).
 
 Everything random is drawn from generators seeded by the step, so a resumed run sees the
 same examples as an uninterrupted one and no RNG state needs saving.
@@ -18,9 +18,6 @@ import torch
 
 from .cache import Job, TeacherData
 from .losses import Example
-
-import os
-TRAJECTORY_NOISE = float(os.environ.get("EDIT_TRAJ_NOISE", "0.5"))
 
 
 def batch(pool: Sequence, phase_index: int, step_in_phase: int, size: int, seed: int) -> List:
@@ -62,10 +59,7 @@ def make_example(trainer, data: TeacherData, job: Job, seed: int, step: int, slo
     sigma = float(sigmas[int(torch.randint(len(sigmas), (), generator=g))])
     if use_negative and bool(torch.rand((), generator=g) < 0.5):
         conds = data.conds(None) or conds
-    if float(torch.rand((), generator=g)) < TRAJECTORY_NOISE:
-        noise = starting_noise(latent.shape, job.seed)
-    else:
-        noise = torch.randn(latent.shape, generator=g).unsqueeze(0)
+    noise = starting_noise(latent.shape, job.seed)
     ms = trainer.get_model_object("model_sampling")
     x0 = trainer.model.process_latent_in(latent.unsqueeze(0))
     max_denoise = math.isclose(float(ms.sigma_max), sigma, rel_tol=1e-5) or sigma > float(ms.sigma_max)
