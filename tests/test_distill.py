@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 from edit_core import tiny_models
 from edit_core.bank import init_bank
 from edit_core.comfy_model import conditioning_dims, diffusion_model, model_spec
-from edit_core.distill.cache import TeacherData, cond_bytes, image_bytes, image_jobs, teacher_data_bytes
+from edit_core.distill.cache import (TeacherData, cond_bytes, image_bytes, image_jobs, stored_states,
+                                     teacher_data_bytes)
 from edit_core.distill.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from edit_core.distill.config import DistillConfig
 from edit_core.distill.examples import starting_noise
@@ -118,17 +119,26 @@ def test_teacher_data_is_final_latents_and_its_size_is_known_up_front(tmp_path):
     [folder] = tmp_path.glob("teacher-*")
     data = TeacherData(folder)
     for job in image_jobs(config.resolutions, 2, config.seeds):
-        latent, sigmas = data.image(job)
-        assert latent.shape == (16, job.resolution[1] // 8, job.resolution[0] // 8)
+        image = data.image(job)
+        shape = (16, job.resolution[1] // 8, job.resolution[0] // 8)
+        assert image["latent"].shape == shape
+        sigmas = image["sigmas"]
         assert sigmas.shape == (3,) and bool((sigmas[:-1] > sigmas[1:]).all())  # euler: one call per step
+        # Small images keep every call's input; the first is the starting noise (flow: sigma 1).
+        assert image["states"].shape == (3, *shape) and image["calls"].tolist() == [0, 1, 2]
+        noise = starting_noise(shape, job.seed)[0]
+        assert torch.allclose(image["states"][0].float(), noise, atol=2e-3 * float(noise.abs().max()))
     per_prompt = cond_bytes(data.conds(0))
     planned = teacher_data_bytes(16, config.resolutions, 2, 2, per_prompt, config)
-    assert planned - 4 * 1024 < data.bytes_on_disk() <= planned  # headers are estimated from above
+    # Planned from above: 2 calls per step (heun), a header's worst case.
+    assert 0.5 * planned < data.bytes_on_disk() <= planned
     assert result.teacher_bytes == data.bytes_on_disk()
     # Examples re-noise with the noise KSampler started each image from.
     assert torch.equal(starting_noise((16, 16, 24), 7), comfy.sample.prepare_noise(torch.zeros(1, 16, 16, 24), 7))
-    # The target: <= 2 MiB per image at 1024 px (SD3.5: 16 latent channels).
-    assert image_bytes(16, (1024, 1024), 20) <= 2 * 2**20
+    # The target: <= 2 MiB per image at 1024 px (SD3.5: 16 latent channels; states
+    # are kept only as far as they fit).
+    assert image_bytes(16, (1024, 1024), 20) <= 2 * 2**20 + 4096
+    assert stored_states(16, (1024, 1024), 40) == 2 and stored_states(4, (1024, 1024), 40) == 14
 
 
 def cli(tmp_path, *extra, output="bank.safetensors", work=None, env_extra=None, background=False, nproc=None):

@@ -4,10 +4,12 @@
         --text-encoders clip_g.safetensors clip_l.safetensors t5xxl_fp16.safetensors \\
         --prompts prompts.txt --output models/edit/sd35m_edit.safetensors
 
-On several GPUs: ``torchrun --nproc-per-node N -m edit_core.distill ...`` (PyTorch DDP;
---batch-size must be a multiple of N). Interrupt with Ctrl-C (or SIGTERM): at the end of the
-current step a checkpoint is written, and the same command resumes. Writes the bank, <output>.report.md, <output>.loss.png
-and <output>.layers.png.
+On several GPUs: ``torchrun --nproc-per-node N -m edit_core.distill ...`` (torch.distributed:
+one gradient all-reduce per step; --batch-size must be a multiple of N). Interrupt with
+Ctrl-C (or SIGTERM): at the end of the current step a checkpoint is written, and the same
+command resumes. Missing input files, an unwritable --output or work folder and settings
+that cannot train are refused before anything loads. Writes the bank, <output>.report.md,
+<output>.loss.png and <output>.layers.png.
 """
 import argparse
 import json
