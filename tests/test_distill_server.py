@@ -1,6 +1,7 @@
 """The EDiT Distill node on a real ComfyUI server, attacked and misused over HTTP."""
 import json
 import math
+import time
 import urllib.request
 import uuid
 
@@ -37,7 +38,10 @@ def test_a_planted_code_payload_at_the_checkpoint_path_is_refused_not_run(comfy_
     assert saved["subfolder"] == f"edit_distill/{run.name}"
     assert (run / "checkpoint.safetensors").read_bytes() == payload
 
-    comfy_server.post("/free", {"free_memory": True})  # drops ComfyUI's cached node outputs
+    # Drop ComfyUI's cached node outputs, or the re-queued node would not run at all: the
+    # flag wakes the idle prompt worker, which resets its caches before it takes a prompt.
+    comfy_server.post("/free", {"free_memory": True})
+    time.sleep(3)
     second = run_graph(comfy_server, graph, tmp_path / "second", timeout=DISTILL_TIMEOUT)
     assert not marker.exists(), "the planted payload ran"
     assert second.status == "error", second.message
@@ -51,4 +55,4 @@ def test_non_finite_node_inputs_are_refused_by_name(comfy_server, tmp_path):
         graph[distill]["inputs"][name] = math.nan
         result = run_graph(comfy_server, graph, tmp_path / name, timeout=DISTILL_TIMEOUT)
         assert result.status in ("error", "rejected"), result.message
-        assert "finite" in result.message and ("cfg" if name == "cfg" else "lr") in result.message, result.message
+        assert "finite" in result.message and name in result.message, result.message
