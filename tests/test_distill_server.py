@@ -31,7 +31,7 @@ def test_a_planted_code_payload_at_the_checkpoint_path_is_refused_not_run(comfy_
     [run] = set(runs.glob("run-*")) - before
 
     # A serialised Python object whose loading calls os.system (protocol 0 opcodes: GLOBAL
-    # os.system, MARK, STRING, TUPLE, REDUCE, STOP): what a torch.load(weights_only=False) runs.
+    # os.system, MARK, STRING, TUPLE, REDUCE, STOP): what torch.load runs when it allows any object.
     marker = tmp_path / "payload-ran"
     payload = b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR."
     saved = upload(comfy_server, "checkpoint.safetensors", payload, f"edit_distill/{run.name}")
