@@ -3,12 +3,16 @@
 Per image (one safetensors shard per resolution x prompt x seed):
     latent   the teacher's final latent (C, h, w), float32, as KSampler returns it
     sigmas   the sigma of every model call the sampler made (the schedule the teacher saw)
+    states   the model input of some of those calls (K, C, h, w), float16, evenly spread over
+             the schedule: as many as fit IMAGE_BUDGET (all of them for small images)
+    calls    which calls ``states`` are (K,)
 Per prompt, once (``cond_p{index}``), and once for the negative prompt (``cond_negative``):
     the conditioning rows the model received (c_crossattn, y, ...), as the sampler built them.
 
-Training examples re-noise the final latent at a sigma of the schedule with fresh noise and
-run the teacher online (see examples.py, losses.py): nothing per layer is stored. At 1024 px
-an SD3.5 image is 1 MiB (16 x 128 x 128 float32), a PixArt image 0.25 MiB.
+Training examples take a stored state, or re-noise the final latent at a call's sigma, and
+run the teacher online (see examples.py, losses.py): nothing per layer is stored. An image
+takes at most IMAGE_BUDGET bytes (2 MiB): at 1024 px an SD3.5 image is its 1 MiB final
+latent plus 2 states, a PixArt image 0.25 MiB plus 14 states.
 
 Every file is written to a temporary name, flushed to disk and renamed, so a file under its
 final name is complete. A file that does not read back (truncated, foreign) is regenerated:
@@ -24,8 +28,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .files import complete
+
 FORMAT = "comfyui-edit-teacher-data"
-SHARD_HEADER_BYTES = 512  # safetensors header + metadata of one image shard (measured: ~300)
+SHARD_HEADER_BYTES = 1024  # safetensors header + metadata of one image shard (measured: ~500)
+IMAGE_BUDGET = 2 * 2**20   # bytes of latent data per image
 
 
 @dataclass(frozen=True)
@@ -39,12 +46,29 @@ class Job:
         return f"image_{self.resolution[0]}x{self.resolution[1]}_p{self.prompt:04d}_s{self.seed}"
 
 
-def image_bytes(latent_channels: int, resolution: Tuple[int, int], sample_steps: int) -> int:
-    """Bytes on disk of one image shard: the float32 latent, the call sigmas, the header.
-    The sampler makes at most 2 model calls per step for the samplers ComfyUI ships with a
-    second-order update (heun, dpm_2: ``2 * steps - 1``)."""
+def latent_bytes(latent_channels: int, resolution: Tuple[int, int], element_size: int = 4) -> int:
     w, h = resolution
-    return 4 * latent_channels * (h // 8) * (w // 8) + 4 * 2 * sample_steps + SHARD_HEADER_BYTES
+    return element_size * latent_channels * (h // 8) * (w // 8)
+
+
+def max_calls(sample_steps: int) -> int:
+    """Model calls of a sampler run: at most 2 per step for the second-order samplers
+    ComfyUI ships (heun, dpm_2: ``2 * steps - 1``)."""
+    return 2 * sample_steps
+
+
+def stored_states(latent_channels: int, resolution: Tuple[int, int], calls: int) -> int:
+    """How many float16 call states of an image fit IMAGE_BUDGET beside its final latent."""
+    room = IMAGE_BUDGET - latent_bytes(latent_channels, resolution)
+    return max(0, min(calls, room // latent_bytes(latent_channels, resolution, 2)))
+
+
+def image_bytes(latent_channels: int, resolution: Tuple[int, int], sample_steps: int) -> int:
+    """Bytes on disk of one image shard at most: final latent, states, call sigmas, header."""
+    calls = max_calls(sample_steps)
+    states = stored_states(latent_channels, resolution, calls)
+    return (latent_bytes(latent_channels, resolution) + states * (latent_bytes(latent_channels, resolution, 2) + 8)
+            + 8 * calls + SHARD_HEADER_BYTES)
 
 
 def teacher_data_bytes(latent_channels: int, resolutions: Sequence[Tuple[int, int]], n_prompts: int, n_seeds: int,
@@ -71,15 +95,18 @@ def _write(path: Path, tensors: Dict[str, torch.Tensor], meta: Dict[str, str]):
 def _read(path: Path, load: bool = True) -> Optional[Dict[str, torch.Tensor]]:
     """The file's tensors (load=False: only checks the header, which safetensors validates
     against the file's size), or None when it is missing, truncated or not ours."""
-    if not path.is_file():
+    if not path.is_file() or complete(path) is not None:
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
             if (f.metadata() or {}).get("format") != FORMAT or not f.keys():
                 return None
-            return {k: f.get_tensor(k) if load else None for k in f.keys()}
+            return {k: f.get_tensor(k).clone() if load else None for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError):
         return None
+
+
+IMAGE_KEYS = {"latent", "sigmas", "states", "calls"}
 
 
 class TeacherData:
@@ -94,12 +121,13 @@ class TeacherData:
     def cond_path(self, prompt: Optional[int]) -> Path:
         return self.dir / ("cond_negative.safetensors" if prompt is None else f"cond_p{prompt:04d}.safetensors")
 
-    def image(self, job: Job) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-        """(final latent (C, h, w), call sigmas (n,)) or None when missing or unreadable."""
+    def image(self, job: Job) -> Optional[Dict[str, torch.Tensor]]:
+        """{latent (C, h, w), sigmas (n,), states (K, C, h, w), calls (K,)} or None when
+        missing or unreadable."""
         read = _read(self.image_path(job))
-        if read is None or set(read) != {"latent", "sigmas"} or read["latent"].ndim != 3:
+        if read is None or set(read) != IMAGE_KEYS or read["latent"].ndim != 3:
             return None
-        return read["latent"], read["sigmas"]
+        return read
 
     def conds(self, prompt: Optional[int]) -> Optional[Dict[str, torch.Tensor]]:
         """A prompt's (None: the negative prompt's) conditioning rows, or None."""
@@ -109,19 +137,23 @@ class TeacherData:
         """Whether the job's image and its prompt's conditioning are on disk and read back
         (headers only); anything else is (re)generated."""
         image = _read(self.image_path(job), load=False)
-        return (image is not None and set(image) == {"latent", "sigmas"}
+        return (image is not None and set(image) == IMAGE_KEYS
                 and _read(self.cond_path(job.prompt), load=False) is not None
                 and (not needs_negative or _read(self.cond_path(None), load=False) is not None))
 
-    def write(self, job: Job, latent: torch.Tensor, sigmas: torch.Tensor, cond: Dict[str, torch.Tensor],
-              uncond: Optional[Dict[str, torch.Tensor]]):
+    def write(self, job: Job, latent: torch.Tensor, sigmas: torch.Tensor, states: torch.Tensor,
+              cond: Dict[str, torch.Tensor], uncond: Optional[Dict[str, torch.Tensor]]):
+        """``states``: the model input of every call (n, C, h, w); those that fit are kept."""
         """Conditioning first, image last: the image's presence means the job is complete."""
         self.dir.mkdir(parents=True, exist_ok=True)
         if _read(self.cond_path(job.prompt), load=False) is None:
             _write(self.cond_path(job.prompt), cond, {"prompt": str(job.prompt)})
         if uncond is not None and _read(self.cond_path(None), load=False) is None:
             _write(self.cond_path(None), uncond, {"prompt": "negative"})
-        _write(self.image_path(job), {"latent": latent.float(), "sigmas": sigmas.float()},
+        k = stored_states(latent.shape[0], job.resolution, len(states))
+        calls = torch.linspace(0, len(states) - 1, k).round().long() if k else torch.zeros(0, dtype=torch.long)
+        _write(self.image_path(job), {"latent": latent.float(), "sigmas": sigmas.float(), "calls": calls,
+                                      "states": states[calls].half()},
                {"job": json.dumps({"resolution": list(job.resolution), "prompt": job.prompt, "seed": job.seed})})
 
     def bytes_on_disk(self) -> int:

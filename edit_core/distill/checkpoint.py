@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..bank import EDiTError
+from .files import complete
 
 FORMAT = "comfyui-edit-distill-checkpoint"
 FIELDS = ("step", "history", "run", "param_groups", "layer_errors_before", "seconds_train")
@@ -45,12 +46,15 @@ def _invalid(path: Path, why: str) -> EDiTError:
 
 def load_checkpoint(path: Path, bank: torch.nn.Module, optimizer: torch.optim.Optimizer, run: str) -> Dict:
     """Load ``path`` into ``bank`` and ``optimizer``; return its info (step, history, ...)."""
+    problem = complete(path)
+    if problem:
+        raise _invalid(path, problem)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             if meta.get("format") != FORMAT:
                 raise _invalid(path, f"it is not a distillation checkpoint: format {meta.get('format')!r}")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         if isinstance(e, EDiTError):
             raise

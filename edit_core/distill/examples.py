@@ -1,12 +1,13 @@
 """Training examples from teacher data, each a pure function of (seed, step, slot).
 
-An example takes a stored image's final latent x0, one sigma of the schedule its sampler
-called the teacher at, the prompt's (or, with CFG, half of the time the negative prompt's)
-conditioning, and fresh noise; the model input is built with the model's own
-``model_sampling.noise_scaling`` (rectified flow for SD3, eps for PixArt), the distribution
-the teacher was trained on. Fresh noise at every step gives the student an unbounded
-stream of inputs from a handful of stored images, which is why only the final latent is
-kept (docs/distillation.md).
+An example takes a stored image, one of the calls its sampler made (its sigma), the
+prompt's (or, with CFG, half of the time the negative prompt's) conditioning, and the
+model input of that call: the stored state when the image kept it (small images keep all),
+else the final latent x0 re-noised to the call's sigma with the noise the image was sampled
+from (regenerated from its seed), by the model's own ``model_sampling.noise_scaling``
+(rectified flow for SD3, eps for PixArt). A rectified-flow sampler moves close to the line
+between its starting noise and its final latent, so these are near the states the student
+will meet when it samples (docs/distillation.md compares the choices).
 
 Everything random is drawn from generators seeded by the step, so a resumed run sees the
 same examples as an uninterrupted one and no RNG state needs saving.
@@ -41,6 +42,12 @@ def layer_subset(layers: Sequence[str], k: int, seed: int, step: int) -> Sequenc
     return tuple(layers[i] for i in chosen)
 
 
+def starting_noise(shape, seed: int) -> torch.Tensor:
+    """The noise KSampler started the image from (comfy.sample.prepare_noise, without
+    touching the global RNG)."""
+    return torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+
+
 def make_example(trainer, data: TeacherData, job: Job, seed: int, step: int, slot: int, device,
                  dtype: Optional[torch.dtype] = None, use_negative: bool = True) -> Example:
     """Example ``slot`` of optimiser step ``step`` (slot: its index in the global batch)."""
@@ -48,17 +55,21 @@ def make_example(trainer, data: TeacherData, job: Job, seed: int, step: int, slo
     conds = data.conds(job.prompt)
     if image is None or conds is None:
         raise FileNotFoundError(f"teacher data for {job.name} is missing from {data.dir}")
-    latent, sigmas = image
+    sigmas = image["sigmas"]
     g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + slot)
-    sigma = float(sigmas[int(torch.randint(len(sigmas), (), generator=g))])
+    call = int(torch.randint(len(sigmas), (), generator=g))
     if use_negative and bool(torch.rand((), generator=g) < 0.5):
         conds = data.conds(None) or conds
-    noise = torch.randn(latent.shape, generator=g).unsqueeze(0)
-    ms = trainer.get_model_object("model_sampling")
-    x0 = trainer.model.process_latent_in(latent.unsqueeze(0))
-    max_denoise = math.isclose(float(ms.sigma_max), sigma, rel_tol=1e-5) or sigma > float(ms.sigma_max)
-    t = torch.tensor([sigma])
-    x = ms.noise_scaling(t, noise, x0, max_denoise=max_denoise)
+    t = torch.tensor([float(sigmas[call])])
+    stored = (image["calls"] == call).nonzero()
+    if len(stored):  # the sampler's own input at this call
+        x = image["states"][int(stored[0, 0])].float().unsqueeze(0)
+    else:
+        ms = trainer.get_model_object("model_sampling")
+        x0 = trainer.model.process_latent_in(image["latent"].unsqueeze(0))
+        sigma = float(t)
+        max_denoise = math.isclose(float(ms.sigma_max), sigma, rel_tol=1e-5) or sigma > float(ms.sigma_max)
+        x = ms.noise_scaling(t, starting_noise(image["latent"].shape, job.seed), x0, max_denoise=max_denoise)
 
     def put(v):
         v = v.to(device)

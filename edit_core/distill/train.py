@@ -98,6 +98,9 @@ def teacher_fingerprint(patcher, positive, negative, config: DistillConfig) -> s
     (LoRA and their strengths), the model sampling it samples with (shift, multiplier, its
     sigma table), the sampler's schedule and settings, and the conditioning."""
     sd = patcher.model.diffusion_model.state_dict()
+    # A loaded clone's patches are baked into the shared module: read the originals back.
+    prefix = "diffusion_model."
+    sd.update({k[len(prefix):]: b.weight for k, b in patcher.backup.items() if k.startswith(prefix)})
     weights = [(k, list(v.shape), v.reshape(-1)[:16].float().cpu().tolist()) for k, v in sorted(sd.items())]
     ms = patcher.get_model_object("model_sampling")
     sampling = [type(ms).__name__, {k: describe(getattr(ms, k)) for k in ("shift", "multiplier") if hasattr(ms, k)},

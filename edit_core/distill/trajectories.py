@@ -1,9 +1,10 @@
-"""Teacher data: sample each image with the teacher and keep its final latent (ComfyUI-aware).
+"""Teacher data: sample each image with the teacher and keep its latents (ComfyUI-aware).
 
 The teacher is the EDiT-patched model forced onto its original attention. An APPLY_MODEL
 wrapper sees every call the sampler makes: it forces the teacher path and notes the call's
-sigma and, on the first call, the conditioning rows the model received (cond and uncond).
-Nothing per layer is kept: training recomputes the teacher's features online.
+sigma and input latent and, on the first call, the conditioning rows the model received
+(cond and uncond). Nothing per layer is kept: training recomputes the teacher's features
+online.
 """
 import math
 from typing import Callable, Dict, List, Optional
@@ -41,9 +42,11 @@ def _row(conds: Dict, i: int, n: int) -> Dict[str, torch.Tensor]:
 
 def teacher_sample(trainer, positive, negative, job: Job, sampler: str, scheduler: str, steps: int, cfg: float,
                    on_call: Optional[Callable[[], None]] = None, capture=None):
-    """Sample one image with the teacher. Returns (final latent (C, h, w), call sigmas,
-    cond rows, uncond rows or None). ``capture``: an optional capture sink for every call."""
+    """Sample one image with the teacher. Returns (final latent (C, h, w), call sigmas (n,),
+    call inputs (n, C, h, w), cond rows, uncond rows or None). ``capture``: an optional
+    capture sink for every call."""
     sigmas: List[float] = []
+    states: List[torch.Tensor] = []
     rows: Dict[int, Dict[str, torch.Tensor]] = {}
 
     def teacher_call(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
@@ -54,6 +57,7 @@ def teacher_sample(trainer, positive, negative, job: Job, sampler: str, schedule
             if kind not in rows:
                 rows[kind] = _row(dict(kwargs, c_crossattn=c_crossattn), i, n)
         sigmas.append(float(t.reshape(-1)[0]))
+        states.append(x[0].detach().to("cpu", copy=True))  # CFG's rows share the call's input
         to = dict(transformer_options, edit_mode=TEACHER, edit_capture=capture)
         out = executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
         if on_call:
@@ -64,7 +68,7 @@ def teacher_sample(trainer, positive, negative, job: Job, sampler: str, schedule
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, teacher_call)
     final = sample(m, positive, negative, job.resolution[0], job.resolution[1], job.seed, sampler, scheduler,
                    steps, cfg)
-    return final[0], torch.tensor(sigmas, dtype=torch.float64), rows[0], rows.get(1)
+    return final[0], torch.tensor(sigmas, dtype=torch.float64), torch.stack(states), rows[0], rows.get(1)
 
 
 @torch.no_grad()
@@ -76,9 +80,10 @@ def generate(trainer, conds, negative, jobs: List[Job], data: TeacherData, confi
     for j, job in enumerate(jobs):
         if j % world != rank or data.has(job, needs_negative(config)):
             continue
-        latent, sigmas, cond, uncond = teacher_sample(trainer, conds[job.prompt], negative, job, config.sampler,
-                                                      config.scheduler, config.sample_steps, config.cfg, on_call)
-        data.write(job, latent, sigmas, cond, uncond)
+        latent, sigmas, states, cond, uncond = teacher_sample(trainer, conds[job.prompt], negative, job,
+                                                              config.sampler, config.scheduler, config.sample_steps,
+                                                              config.cfg, on_call)
+        data.write(job, latent, sigmas, states, cond, uncond)
 
 
 def needs_negative(config) -> bool:
