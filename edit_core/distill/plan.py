@@ -318,8 +318,10 @@ def targets(model: PlanModel, prompts: int, seeds: int) -> List[Tuple[str, str, 
     from .cache import image_bytes
     from .config import DistillConfig
     shard = image_bytes(model.trainer.model.latent_format.latent_channels, (1024, 1024), DistillConfig().sample_steps)
-    out.append((f"teacher data <= 2 MiB per image @1024 px ({prompts} prompts x {seeds} seeds, conditioning "
-                f"included)", f"{per_image / MiB:.2f} MiB (image shard {shard / MiB:.2f} MiB)",
+    out.append(("teacher data <= 2 MiB per image @1024 px: the image's own file", f"{shard / MiB:.3f} MiB ({shard} B)",
+                shard <= TEACHER_DATA_TARGET))
+    out.append((f"teacher data <= 2 MiB per image @1024 px: with the conditioning files shared by its prompt "
+                f"({prompts} prompts x {seeds} seeds, and the negative prompt)", f"{per_image / MiB:.2f} MiB",
                 per_image <= TEACHER_DATA_TARGET))
     return out
 
