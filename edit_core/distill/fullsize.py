@@ -70,7 +70,7 @@ def run_model(name: str, resolution, sample_steps: int, out: Path, log=print) ->
         example = make_example(model.trainer, data, jobs[0], 0, step, 0, "cpu", torch.bfloat16)
         t0 = time.perf_counter()
         with RssPeak() as rss, PeakTensorMemory() as counter:
-            parts = model.step(example.x, example.t, example.conds, mode)
+            parts = model.step([(example.x, example.t, example.conds)], mode)
         seconds = time.perf_counter() - t0
         plan = measure(fake, mode, 1, tuple(resolution))
         steps.append({"step": step + 1, "mode": mode, "seconds": seconds, "loss": parts["loss"],

@@ -183,23 +183,26 @@ class PlanModel:
             fn()
         return counter.peak
 
-    def teacher_pass(self, batch: int, resolution: Tuple[int, int]) -> Measured:
-        """One sampler call of the teacher while generating teacher data: CFG doubles the rows."""
+    def teacher_pass(self, resolution: Tuple[int, int]) -> Measured:
+        """One sampler call of the teacher while generating teacher data: one image at a time
+        (trajectories.generate), CFG's cond and uncond rows together."""
         from ..patcher import TEACHER, call_model
 
         def run():
-            x, t, conds = self._inputs(2 * batch, resolution)
+            x, t, conds = self._inputs(2, resolution)
             with torch.no_grad():
                 call_model(self.trainer, x, t, conds, TEACHER, _discard)
         return Measured(self.weights + self.bank_bytes, self._count(run))
 
-    def step(self, x, t, conds, mode: str, layers=None) -> Dict[str, float]:
-        """One optimiser step on one example, as the distillation takes it (losses.train_example
-        under bf16 autocast, gradient clipping, AdamW)."""
+    def step(self, examples, mode: str, layers=None) -> Dict[str, float]:
+        """One optimiser step as the distillation takes it (train.py): the batch's examples
+        ((x, t, conds), batch 1 each) one after the other through losses.train_example under
+        bf16 autocast, gradients accumulated, then clipping and AdamW. Returns the last losses."""
         from .losses import Example, train_example
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(x.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            parts = train_example(self.loss_fn, Example(x, t, conds), mode, 1.0, layers)
+        for x, t, conds in examples:
+            with torch.autocast(x.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                parts = train_example(self.loss_fn, Example(x, t, conds), mode, 1.0 / len(examples), layers)
         torch.nn.utils.clip_grad_norm_(self.bank.parameters(), 1.0)
         self.optimizer.step()
         return parts
@@ -209,8 +212,7 @@ class PlanModel:
         layers = self.bank.config.layers[-layers_per_step:] if layers_per_step else None
 
         def run():
-            x, t, conds = self._inputs(batch, resolution)
-            self.step(x, t, conds, mode, layers)
+            self.step([self._inputs(1, resolution) for _ in range(batch)], mode, layers)
         return Measured(self.weights + self.bank_bytes + self.optimizer_bytes, self._count(run))
 
 
@@ -258,14 +260,14 @@ def measure(model: PlanModel, what: str, batch: int, resolution: Tuple[int, int]
     key = (what, batch, tuple(resolution), layers_per_step)
     if key not in model.measured:
         if what == "teacher":
-            model.measured[key] = model.teacher_pass(batch, resolution)
+            model.measured[key] = model.teacher_pass(resolution)
         else:
             model.measured[key] = model.training_step(batch, resolution, what, layers_per_step)
     return model.measured[key]
 
 
 def row(model: PlanModel, resolution: Tuple[int, int], mode: str, batch: int, layers_per_step: int = 0) -> Row:
-    return Row(resolution, mode, batch, measure(model, "teacher", batch, resolution),
+    return Row(resolution, mode, batch, measure(model, "teacher", 1, resolution),
                measure(model, mode, batch, resolution, layers_per_step), layers_per_step)
 
 
@@ -299,9 +301,9 @@ def suggestions(model: PlanModel, resolutions: Sequence[Tuple[int, int]], mode: 
     candidates = {*resolutions, *((r, r) for r in FALLBACK_RESOLUTIONS)}
     for r in sorted((c for c in candidates if area(c) < top), key=area, reverse=True):
         kept = [s for s in resolutions if area(s) < area(r)] + [r]
-        if fits(res=kept, b=1):
+        if fits(res=kept):
             out.append(f"--resolutions {' '.join(f'{w}x{h}' if w != h else str(w) for w, h in sorted(kept, key=area))}"
-                       f" (top resolution {px(r)}){'' if batch == 1 else ' --batch-size 1'}")
+                       f" (top resolution {px(r)})")
             break
     return out or ["nothing tried fits: use a device with more memory"]
 
@@ -412,7 +414,8 @@ def build_parser():
                    help="sd35-medium, pixart-sigma, or a checkpoint file (only its header is read)" + h)
     p.add_argument("--resolutions", nargs="+", type=_list_arg(int), default=[[512, 1024, 2048]],
                    help="square training resolutions in px, e.g. 512 1024 2048 or 512,1024" + h)
-    p.add_argument("--batch-size", type=int, default=1, help="examples per training step" + h)
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="examples per training step (they run one after another: memory hardly changes)" + h)
     p.add_argument("--mode", choices=("layerwise", "e2e", "layerwise+e2e"), default="layerwise+e2e", help=h.strip())
     p.add_argument("--layers-per-step", type=int, default=0, help="layers trained per step, 0 = all" + h)
     p.add_argument("--device-memory", default="24GiB", help="memory of the GPU to plan for" + h)

@@ -78,7 +78,7 @@ def check_model(name: str, model_config, resolution, device, dtype, repeats: int
     for mode in MODES:
         predicted = measure(fake, mode, 1, resolution)
         counted = measure(real, mode, 1, resolution)
-        x, t, conds = real._inputs(1, resolution)
+        example = real._inputs(1, resolution)
         seconds, allocator, rss = [], None, None
         for i in range(repeats):
             if device.type == "cuda":
@@ -86,7 +86,7 @@ def check_model(name: str, model_config, resolution, device, dtype, repeats: int
             _sync(device)
             t0 = time.perf_counter()
             with RssPeak() as sampler:
-                real.step(x, t, conds, mode)
+                real.step([example], mode)
                 _sync(device)
             seconds.append(time.perf_counter() - t0)
             if device.type == "cuda":
