@@ -4,7 +4,7 @@
 # fake-tensor figures: CUDA allocator peak, the counter on real tensors, step time.
 # Writes $OUT/stepcheck.json and $OUT/stepcheck.md ($OUT defaults to ./gpu_distill_check).
 # Nothing is downloaded: it needs the ComfyUI host already there ($EDIT_PYTHON and
-# $EDIT_COMFYUI_DIR, or .host/ from scripts/host.sh). About 3 minutes on one H100.
+# $EDIT_COMFYUI_DIR, or .host/ from scripts/host.sh). Capped at 7.5 minutes; not run on a GPU yet.
 #
 #   bash scripts/gpu_distill_check.sh              # on a GPU machine
 #   bash scripts/gpu_distill_check.sh --cpu-smoke  # the same code on a CPU: 2-block real-width models, 384 px
