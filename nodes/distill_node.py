@@ -1,4 +1,5 @@
 """Distill EDiT weights from the connected model, inside a workflow."""
+import math
 import os
 
 import comfy.samplers
@@ -24,8 +25,9 @@ def _conditionings(clip, conditioning, prompts, what):
 
 
 class EDiTDistill:
-    DESCRIPTION = ("Distills EDiT weights from the model: the model samples teacher trajectories for every prompt "
-                   "x seed x resolution, then the EDiT bank learns to reproduce its attention (layer-wise, then "
+    DESCRIPTION = ("Distills EDiT weights from the model: the model samples one teacher image for every prompt "
+                   "x seed x resolution (only its final latent is kept), then the EDiT bank learns to reproduce "
+                   "the model's attention on re-noised images, the teacher running alongside (layer-wise, then "
                    "end-to-end). Interrupt any time: a checkpoint is kept and queueing the same workflow resumes.")
     CATEGORY = "EDiT/training"
     RETURN_TYPES = (BANK, "IMAGE", "STRING")
@@ -66,6 +68,9 @@ class EDiTDistill:
     def run(self, model, prompts, negative_prompt, resolutions, seeds, sampler_name, scheduler, sample_steps, cfg,
             train_steps, learning_rate, mode, batch_size, seed, clip=None, positive=None, negative=None,
             edit_bank=None, latent=None, unique_id=None):
+        for name, value in (("cfg", cfg), ("learning_rate", learning_rate)):
+            if not math.isfinite(value):
+                raise EDiTError(f"EDiT Distill: {name} must be a finite number, got {value}")
         lines = [p.strip() for p in prompts.splitlines() if p.strip()]
         pos = _conditionings(clip, positive, lines, "prompts")
         neg = _conditionings(clip, negative, [negative_prompt], "negative prompt")[0]

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from statistics import mean
 
+import comfy.sample
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -19,14 +20,17 @@ from safetensors.torch import load_file, save_file
 from edit_core import tiny_models
 from edit_core.bank import init_bank
 from edit_core.comfy_model import conditioning_dims, diffusion_model, model_spec
-from edit_core.distill.cache import Job, Sample, TrajectoryCache
+from edit_core.distill.cache import (TeacherData, cond_bytes, image_bytes, image_jobs, stored_states,
+                                     teacher_data_bytes)
+from edit_core.distill.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from edit_core.distill.config import DistillConfig
+from edit_core.distill.examples import starting_noise
 from edit_core.distill.evaluate import attention_entropy, final_latent_errors
 from edit_core.distill.train import distill
-from edit_core.distill.trajectories import generate
 from edit_core.modules import merge_heads, split_heads
-from edit_core.patcher import apply_edit, layer_inputs
+from edit_core.patcher import TEACHER, apply_edit, call_model, layer_inputs
 from edit_core.reference import softmax_attention_ref
+from safetensors import safe_open
 from test_attention import rel_err
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,28 +80,65 @@ def test_distillation_halves_the_final_latent_error_on_held_out_prompts_and_seed
         assert result.layer_errors_after[name] < 0.5 * err, name
 
 
-def test_recomputed_layer_inputs_reproduce_the_teachers_captured_attention(tmp_path):
+def test_the_teachers_online_features_are_its_softmax_attention():
+    """What a training step learns from: the capture sink's layer inputs, through the model's
+    own projections, give q, k, v whose float64 softmax attention is the captured output."""
     model = tiny_models.sd3_patcher(seed=2)
     cond = conditioner(model)
     spec = model_spec(model)
-    cache = TrajectoryCache(tmp_path)
-    job = Job((128, 192), 0, 3)
-    generate(apply_edit(model, init_bank(spec)), [cond("a")], cond(""), [job], cache, DistillConfig(sample_steps=2))
-    refs = cache.samples([job])
-    assert len(refs) == 4  # 2 steps x (cond, uncond)
+    patched = apply_edit(model, init_bank(spec))
+    import comfy.model_management
+    comfy.model_management.load_models_gpu([patched])
+    positive = cond("a")[0]
+    conds = {"c_crossattn": positive[0], "y": positive[1]["pooled_output"]}
+    x = torch.randn(1, 16, 24, 16, generator=torch.Generator().manual_seed(0))
+    captured = {}
+    with torch.no_grad():
+        call_model(patched, x, torch.tensor([0.7]), conds, TEACHER,
+                   lambda name, grid, tensors: captured.__setitem__(name, (grid, dict(tensors))))
+    assert sorted(captured) == sorted(spec.layers)
     dm = diffusion_model(model)
-    for ref in refs:
-        sample = Sample(ref, "cpu")
-        assert sample.grid == (12, 8)  # 128 px wide, 192 px high
-        for name in spec.layers:
-            with torch.no_grad():
-                x = layer_inputs(dm, name, sample.layer_inputs(name))
-            q, k, v = (split_heads(x[n], spec.heads) for n in ("q", "k", "v"))
-            if "k_txt" in x:  # joint attention: image rows see the prompt keys too
-                k = torch.cat((split_heads(x["k_txt"], spec.heads), k), dim=-2)
-                v = torch.cat((split_heads(x["v_txt"], spec.heads), v), dim=-2)
-            teacher = merge_heads(softmax_attention_ref(q, k, v))
-            assert rel_err(sample.reference(name), teacher) < 1e-4, name
+    for name, (grid, tensors) in captured.items():
+        assert grid == (12, 8)  # 128 px wide, 192 px high
+        with torch.no_grad():
+            inputs = layer_inputs(dm, name, tensors)
+        q, k, v = (split_heads(inputs[n], spec.heads) for n in ("q", "k", "v"))
+        if "k_txt" in inputs:  # joint attention: image rows see the prompt keys too
+            k = torch.cat((split_heads(inputs["k_txt"], spec.heads), k), dim=-2)
+            v = torch.cat((split_heads(inputs["v_txt"], spec.heads), v), dim=-2)
+        assert rel_err(tensors["out"], merge_heads(softmax_attention_ref(q, k, v))) < 1e-4, name
+
+
+def test_teacher_data_is_final_latents_and_its_size_is_known_up_front(tmp_path):
+    model = tiny_models.sd3_patcher(seed=1)
+    cond = conditioner(model)
+    prompts, negative = [cond("a"), cond("b")], cond("")
+    config = DistillConfig(resolutions=((128, 128), (192, 128)), seeds=(0, 1), sample_steps=3, cfg=3.0, train_steps=2,
+                           batch_size=1, checkpoint_every=100)
+    result = distill(model, prompts, negative, config, tmp_path)
+    [folder] = tmp_path.glob("teacher-*")
+    data = TeacherData(folder)
+    for job in image_jobs(config.resolutions, 2, config.seeds):
+        image = data.image(job)
+        shape = (16, job.resolution[1] // 8, job.resolution[0] // 8)
+        assert image["latent"].shape == shape
+        sigmas = image["sigmas"]
+        assert sigmas.shape == (3,) and bool((sigmas[:-1] > sigmas[1:]).all())  # euler: one call per step
+        # Small images keep every call's input; the first is the starting noise (flow: sigma 1).
+        assert image["states"].shape == (3, *shape) and image["calls"].tolist() == [0, 1, 2]
+        noise = starting_noise(shape, job.seed)[0]
+        assert torch.allclose(image["states"][0].float(), noise, atol=2e-3 * float(noise.abs().max()))
+    per_prompt = cond_bytes(data.conds(0))
+    planned = teacher_data_bytes(16, config.resolutions, 2, 2, per_prompt, config)
+    # Planned from above: 2 calls per step (heun), a header's worst case.
+    assert 0.5 * planned < data.bytes_on_disk() <= planned
+    assert result.teacher_bytes == data.bytes_on_disk()
+    # Examples re-noise with the noise KSampler started each image from.
+    assert torch.equal(starting_noise((16, 16, 24), 7), comfy.sample.prepare_noise(torch.zeros(1, 16, 16, 24), 7))
+    # The issue's target: <= 2 MiB per image at 1024 px (SD3.5: 16 latent channels; states
+    # are kept only as far as they fit).
+    assert image_bytes(16, (1024, 1024), 20) <= 2 * 2**20 + 4096
+    assert stored_states(16, (1024, 1024), 40) == 2 and stored_states(4, (1024, 1024), 40) == 14
 
 
 def cli(tmp_path, *extra, output="bank.safetensors", work=None, env_extra=None, background=False, nproc=None):
@@ -122,28 +163,47 @@ def banks_equal(a, b):
     return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL])
-def test_an_interrupted_run_resumes_to_the_same_bank(tmp_path, how):
-    steps = ["--train-steps", "150", "--checkpoint-every", "10"]
-    full = cli(tmp_path, *steps, output="full.safetensors", work=tmp_path / "work_full")
+def checkpoint_step(path) -> int:
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == CHECKPOINT_FORMAT
+    return int(meta["step"])
+
+
+RESUME_STEPS = ["--train-steps", "150", "--checkpoint-every", "10"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    full = cli(folder, *RESUME_STEPS, output="full.safetensors")
     assert full.returncode == 0, full.stdout + full.stderr
-    proc = cli(tmp_path, *steps, output="resumed.safetensors", work=tmp_path / "work_resumed", background=True)
-    checkpoint = None
+    return folder / "full.safetensors"
+
+
+@pytest.mark.parametrize("stage,how", [("teacher", signal.SIGKILL), ("train", signal.SIGINT),
+                                       ("train", signal.SIGKILL)])
+def test_an_interrupted_run_resumes_to_the_same_bank(tmp_path, uninterrupted, stage, how):
+    proc = cli(tmp_path, *RESUME_STEPS, output="resumed.safetensors", background=True)
+    pattern = "teacher-*/image_*.safetensors" if stage == "teacher" else "run-*/checkpoint.safetensors"
+    found = None
     deadline = time.time() + 300
-    while checkpoint is None and proc.poll() is None and time.time() < deadline:
-        checkpoint = next((tmp_path / "work_resumed").glob("run-*/checkpoint.pt"), None)
+    while found is None and proc.poll() is None and time.time() < deadline:
+        found = next((tmp_path / "work").glob(pattern), None)
         time.sleep(0.02)
     proc.send_signal(how)
     out, _ = proc.communicate(timeout=120)
-    assert checkpoint is not None, "the run finished before it wrote a checkpoint: nothing was interrupted\n" + out
+    assert found is not None, f"the run never wrote {pattern}: nothing was interrupted\n" + out
     assert not (tmp_path / "resumed.safetensors").exists(), out
     if how == signal.SIGINT:
         assert proc.returncode == 130 and "checkpoint written" in out, out
-    state = torch.load(checkpoint, weights_only=False)
-    assert 0 < state["step"] < 150
-    again = cli(tmp_path, *steps, output="resumed.safetensors", work=tmp_path / "work_resumed")
+    if stage == "train":
+        assert 0 < checkpoint_step(found) < 150
+    else:
+        assert len(list((tmp_path / "work").glob("teacher-*/image_*.safetensors"))) < 8, "teacher data was complete"
+    again = cli(tmp_path, *RESUME_STEPS, output="resumed.safetensors")
     assert again.returncode == 0, again.stdout + again.stderr
-    assert banks_equal(tmp_path / "full.safetensors", tmp_path / "resumed.safetensors")
+    assert banks_equal(uninterrupted, tmp_path / "resumed.safetensors")
 
 
 def test_two_gloo_processes_match_one_with_the_same_global_batch(tmp_path):

@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-import torch
+from safetensors import safe_open
 
 from conftest import REPO
 from edit_core.batch import Job, run_batch
@@ -103,32 +103,41 @@ def distill_graph(train_steps):
     return graph, distill
 
 
+def checkpoint_step(path) -> int:
+    with safe_open(str(path), framework="pt") as f:
+        return int(f.metadata()["step"])
+
+
+# Generous: a loaded 2-core machine runs the tiny distillation slowly. The server's own
+# liveness is what the batch client watches; no test here races a clock.
+DISTILL_TIMEOUT = 3600
+
+
 def test_distill_node_interrupts_with_a_checkpoint_and_resumes(comfy_server, tmp_path):
-    graph, distill = distill_graph(train_steps=400)
+    graph, distill = distill_graph(train_steps=200)
     runs = comfy_server.base / "output" / "edit_distill"
-    before = set(runs.glob("run-*/checkpoint.pt"))
+    before = set(runs.glob("run-*/checkpoint.safetensors"))
 
     async def run_then_interrupt():
         job = asyncio.ensure_future(run_batch(graph, [Job(0, None, None, None, None)], [comfy_server.url], tmp_path,
-                                              600, warmup=False, log=lambda s: None))
-        deadline = time.monotonic() + 300
-        while not set(runs.glob("run-*/checkpoint.pt")) - before and time.monotonic() < deadline:
+                                              DISTILL_TIMEOUT, warmup=False, log=lambda s: None))
+        while not set(runs.glob("run-*/checkpoint.safetensors")) - before and not job.done():
             await asyncio.sleep(0.2)  # the first periodic checkpoint: training is under way
         comfy_server.post("/interrupt", {})
         return (await job)[0]
 
     first = asyncio.run(run_then_interrupt())
     assert first.status == "interrupted", first.message
-    [checkpoint] = set(runs.glob("run-*/checkpoint.pt")) - before
-    stopped_at = torch.load(checkpoint, weights_only=False)["step"]
-    assert 0 < stopped_at < 400
+    [checkpoint] = set(runs.glob("run-*/checkpoint.safetensors")) - before
+    stopped_at = checkpoint_step(checkpoint)
+    assert 0 < stopped_at < 200
 
-    second = run_graph(comfy_server, graph, tmp_path / "again")
+    second = run_graph(comfy_server, graph, tmp_path / "again", timeout=DISTILL_TIMEOUT)
     assert second.status == "success", second.message
     prompt_id = next(reversed(comfy_server.get("/history?max_items=1")))
     [report] = comfy_server.get(f"/history/{prompt_id}")[prompt_id]["outputs"][distill]["text"]
     assert f"resumed from the checkpoint at step {stopped_at}" in report, report
-    assert torch.load(checkpoint, weights_only=False)["step"] == 400
+    assert checkpoint_step(checkpoint) == 200
 
 
 @pytest.fixture(autouse=True)

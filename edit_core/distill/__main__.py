@@ -4,10 +4,12 @@
         --text-encoders clip_g.safetensors clip_l.safetensors t5xxl_fp16.safetensors \\
         --prompts prompts.txt --output models/edit/sd35m_edit.safetensors
 
-On several GPUs: ``torchrun --nproc-per-node N -m edit_core.distill ...`` (PyTorch DDP;
---batch-size must be a multiple of N). Interrupt with Ctrl-C (or SIGTERM): at the end of the
-current step a checkpoint is written, and the same command resumes. Writes the bank, <output>.report.md, <output>.loss.png
-and <output>.layers.png.
+On several GPUs: ``torchrun --nproc-per-node N -m edit_core.distill ...`` (torch.distributed:
+one gradient all-reduce per step; --batch-size must be a multiple of N). Interrupt with
+Ctrl-C (or SIGTERM): at the end of the current step a checkpoint is written, and the same
+command resumes. Missing input files, an unwritable --output or work folder and settings
+that cannot train are refused before anything loads. Writes the bank, <output>.report.md,
+<output>.loss.png and <output>.layers.png.
 """
 import argparse
 import json
@@ -15,13 +17,18 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Optional
 
-from .config import parse_ints, parse_resolutions
+from .config import DistillConfig, parse_ints, parse_resolutions
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m edit_core.distill", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m edit_core.distill", description=__doc__, formatter_class=HelpFormatter,
+                                allow_abbrev=False)
     g = p.add_argument_group("model and prompts")
     g.add_argument("--model", required=True, help="checkpoint or diffusion-model file (SD3/SD3.5, PixArt-Sigma)")
     g.add_argument("--text-encoders", nargs="*", default=[], help="text encoder files (when not in the checkpoint)")
@@ -35,36 +42,88 @@ def build_parser():
     g.add_argument("--init-bank", help="continue from this bank instead of an untrained one")
     g.add_argument("--layers", default="all", help="layers of an untrained bank: 'all' or e.g. '0-12'")
     g.add_argument("--reduction", type=int, default=32, help="ConvFusion reduction r of an untrained bank")
-    g.add_argument("--eta-mode", choices=["learned", "ratio"], default="learned")
+    g.add_argument("--eta-mode", choices=["learned", "ratio"], default="learned", help="eta of an untrained bank")
     g.add_argument("--latents", help="safetensors file with a 'latent' tensor (B, C, h, w) for the task loss")
     g.add_argument("--comfyui", help="ComfyUI folder (default: $EDIT_COMFYUI_DIR or the one this pack is in)")
     d = p.add_argument_group("teacher data")
-    d.add_argument("--resolutions", type=parse_resolutions, default=((512, 512),), help="e.g. 512,1024 or 768x512")
-    d.add_argument("--seeds", type=parse_ints, default=(0,), help="noise seeds per prompt, e.g. 0,1,2")
-    d.add_argument("--sampler", default="euler")
-    d.add_argument("--scheduler", default="simple")
-    d.add_argument("--sample-steps", type=int, default=20)
-    d.add_argument("--cfg", type=float, default=4.0)
+    d.add_argument("--resolutions", nargs="+", default=["512"], help="e.g. 512 1024, 512,1024 or 768x512")
+    d.add_argument("--seeds", nargs="+", default=["0"], help="noise seeds per prompt, e.g. 0 1 2 or 0,1,2")
+    d.add_argument("--sampler", default="euler", help="ComfyUI sampler name")
+    d.add_argument("--scheduler", default="simple", help="ComfyUI scheduler name")
+    d.add_argument("--sample-steps", type=int, default=20, help="sampling steps of the teacher")
+    d.add_argument("--cfg", type=float, default=4.0, help="CFG scale of the teacher")
     t = p.add_argument_group("training")
-    t.add_argument("--train-steps", type=int, default=500)
-    t.add_argument("--batch-size", type=int, default=2)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--warmup-steps", type=int, default=20)
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--grad-clip", type=float, default=1.0)
-    t.add_argument("--mode", choices=["layerwise+e2e", "layerwise", "e2e"], default="layerwise+e2e")
-    t.add_argument("--layerwise-fraction", type=float, default=0.5)
-    t.add_argument("--feature-weight", type=float, default=1.0)
-    t.add_argument("--output-weight", type=float, default=1.0)
-    t.add_argument("--task-weight", type=float, default=0.0)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--checkpoint-every", type=int, default=50)
+    t.add_argument("--train-steps", type=int, default=500, help="optimiser steps")
+    t.add_argument("--batch-size", type=int, default=2, help="examples per step (all processes together)")
+    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    t.add_argument("--warmup-steps", type=int, default=20, help="linear warm-up steps")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    t.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip")
+    t.add_argument("--mode", choices=["layerwise+e2e", "layerwise", "e2e"], default="layerwise+e2e",
+                   help="layer-wise, end-to-end, or layer-wise then end-to-end")
+    t.add_argument("--layerwise-fraction", type=float, default=0.5, help="share of layer-wise steps in layerwise+e2e")
+    t.add_argument("--layers-per-step", type=int, default=0,
+                   help="train a random subset of this many layers per step (0: all; less memory end-to-end, "
+                        "less time layer-wise)")
+    t.add_argument("--feature-weight", type=float, default=1.0, help="weight of the per-layer feature losses")
+    t.add_argument("--output-weight", type=float, default=1.0, help="weight of the end-to-end output loss")
+    t.add_argument("--task-weight", type=float, default=0.0, help="weight of the task loss on --latents")
+    t.add_argument("--seed", type=int, default=0, help="seed of the bank's init and of the examples")
+    t.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
     t.add_argument("--work-dir", help="teacher data and checkpoints (default: <output>.work)")
     return p
 
 
+def writable_file(path: Path) -> Optional[str]:
+    """Why ``path`` cannot be written (None if it can): the file or its nearest existing folder."""
+    if path.is_dir():
+        return "it is a folder"
+    if path.exists():
+        return None if os.access(path, os.W_OK) else "it is not writable"
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is a file, not a folder"
+    return None if os.access(folder, os.W_OK | os.X_OK) else f"the folder {folder} is not writable"
+
+
+def check_files(args) -> Optional[str]:
+    """One-line reason the command cannot run, found before anything is loaded (or None)."""
+    inputs = [("--model", args.model), ("--prompts", args.prompts), ("--init-bank", args.init_bank),
+              ("--latents", args.latents)] + [("--text-encoders", f) for f in args.text_encoders]
+    for flag, name in inputs:
+        if name and not Path(name).is_file():
+            return f"{flag} {name}: no such file"
+    out = Path(args.output)
+    why = writable_file(out)
+    if why:
+        return f"--output {out} cannot be written: {why}; pick another path"
+    work = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".work")
+    why = writable_file(work / "probe")
+    if why:
+        return f"work folder {work} cannot be written: {why}; give --work-dir"
+    return None
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    try:
+        resolutions, seeds = parse_resolutions(args.resolutions), parse_ints(args.seeds)
+        config = DistillConfig(
+            resolutions=resolutions, seeds=seeds, sampler=args.sampler, scheduler=args.scheduler,
+            sample_steps=args.sample_steps, cfg=args.cfg, train_steps=args.train_steps, batch_size=args.batch_size,
+            lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+            mode=args.mode, layerwise_fraction=args.layerwise_fraction, feature_weight=args.feature_weight,
+            output_weight=args.output_weight, task_weight=args.task_weight, seed=args.seed,
+            checkpoint_every=args.checkpoint_every, layers_per_step=args.layers_per_step)
+    except ValueError as e:  # EDiTError: a bad value, said before anything loads
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    problem = check_files(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
     import torch
@@ -80,7 +139,6 @@ def main(argv=None):
     from ..bank import EDiTError, init_bank, load_bank, save_bank, select_layers
     from ..comfy_model import conditioning_dims, model_spec
     from ..tiny_models import random_conditioning
-    from .config import DistillConfig
     from .report import layer_error_chart, loss_curve, report_text
     from .train import distill
 
@@ -124,13 +182,6 @@ def main(argv=None):
             bank = init_bank(spec, select_layers(spec.layers, args.layers), seed=args.seed,
                              reduction=args.reduction, eta_mode=args.eta_mode)
         latents = load_file(args.latents)["latent"] if args.latents else None
-        config = DistillConfig(
-            resolutions=args.resolutions, seeds=args.seeds, sampler=args.sampler, scheduler=args.scheduler,
-            sample_steps=args.sample_steps, cfg=args.cfg, train_steps=args.train_steps, batch_size=args.batch_size,
-            lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-            mode=args.mode, layerwise_fraction=args.layerwise_fraction, feature_weight=args.feature_weight,
-            output_weight=args.output_weight, task_weight=args.task_weight, seed=args.seed,
-            checkpoint_every=args.checkpoint_every)
         out = Path(args.output)
         work_dir = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".work")
 

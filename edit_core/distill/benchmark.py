@@ -75,11 +75,13 @@ def main(argv=None):
             layers_after = mean(result.layer_errors_after.values())
             rows.append(f"| {family} | {mode} | {args.train_steps} | {before:.4f} | {after:.4f} | "
                         f"{100 * (1 - after / before):.0f}% | {layers_before:.4f} | {layers_after:.4f} | "
-                        f"{result.seconds_teacher:.1f} | {result.seconds_train:.1f} | {wall:.1f} |")
+                        f"{result.teacher_bytes / 2**20:.2f} | {result.seconds_teacher:.1f} | {result.seconds_train:.1f} | "
+                        f"{wall:.1f} |")
             records[f"{family}/{mode}"] = {"final_latent_error_before": before, "final_latent_error_after": after,
                                            "layer_errors_before": result.layer_errors_before,
                                            "layer_errors_after": result.layer_errors_after,
                                            "seconds_teacher": result.seconds_teacher,
+                                           "teacher_bytes": result.teacher_bytes,
                                            "seconds_train": result.seconds_train, "attention_entropy": entropy}
             curves[mode] = ([h["step"] for h in result.history], [h["loss"] for h in result.history])
             if best is None or after < best[0]:
@@ -99,7 +101,8 @@ def main(argv=None):
                    ["teacher", "untrained EDiT", f"distilled ({best[1]})", "|untrained - teacher|",
                     "|distilled - teacher|"]).save(out / f"{family}_latents.png")
     table = ["| family | mode | steps | final-latent error, untrained | after | reduction | layer error before | "
-             "after | teacher s | train s | wall s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows]
+             "after | teacher data MiB | teacher s | train s | wall s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows]
     (out / "distill.md").write_text("\n".join(table) + "\n")
     (out / "distill.json").write_text(json.dumps(records, indent=1))
     print("\n".join(table))

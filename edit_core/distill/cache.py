@@ -1,27 +1,38 @@
-"""Teacher trajectories on disk: one safetensors shard per (resolution, prompt, seed).
+"""Teacher data on disk: what regenerating the teacher's features needs, not the features.
 
-A shard holds every model call the teacher made while sampling that trajectory, split into
-one *sample* per batch row (CFG's cond and uncond rows are separate samples). Per sample:
+Per image (one safetensors shard per resolution x prompt x seed):
+    latent   the teacher's final latent (C, h, w), float32, as KSampler returns it
+    sigmas   the sigma of every model call the sampler made (the schedule the teacher saw)
+    states   the model input of some of those calls (K, C, h, w), float16, evenly spread over
+             the schedule: as many as fit IMAGE_BUDGET (all of them for small images)
+    calls    which calls ``states`` are (K,)
+Per prompt, once (``cond_p{index}``), and once for the negative prompt (``cond_negative``):
+    the conditioning rows the model received (c_crossattn, y, ...), as the sampler built them.
 
-    {i}.x            model input latent (C, h, w)          {i}.t    sigma ()
-    {i}.cond.{name}  the call's conditioning (c_crossattn, y, ...), batch row i
-    {i}.out          the teacher's denoised output (C, h, w)
-    {i}.in.{group}.{field}  converted layers' inputs (SD3: per block x, context, c; PixArt:
-                     per attention x), from which ``layer_inputs`` recomputes q, k, v
-    {i}.ref.{layer}  the teacher's attention output (image rows) of each converted layer
+Training examples take a stored state, or re-noise the final latent at a call's sigma, and
+run the teacher online (see examples.py, losses.py): nothing per layer is stored. An image
+takes at most IMAGE_BUDGET bytes (2 MiB): at 1024 px an SD3.5 image is its 1 MiB final
+latent plus 2 states, a PixArt image 0.25 MiB plus 14 states.
 
-Shards are written atomically, so a shard on disk is complete; an interrupted generation
-resumes by writing the missing ones.
+Every file is written to a temporary name, flushed to disk and renamed, so a file under its
+final name is complete. A file that does not read back (truncated, foreign) is regenerated:
+it is derived data, and the teacher reproduces it exactly.
 """
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from .files import complete
+
+FORMAT = "comfyui-edit-teacher-data"
+SHARD_HEADER_BYTES = 1024  # safetensors header + metadata of one image shard (measured: ~500)
+IMAGE_BUDGET = 2 * 2**20   # bytes of latent data per image
 
 
 @dataclass(frozen=True)
@@ -32,72 +43,122 @@ class Job:
 
     @property
     def name(self) -> str:
-        return f"traj_{self.resolution[0]}x{self.resolution[1]}_p{self.prompt:04d}_s{self.seed}"
+        return f"image_{self.resolution[0]}x{self.resolution[1]}_p{self.prompt:04d}_s{self.seed}"
 
 
-def input_group(layer: str) -> str:
-    """SD3's attn and attn2 of a block share the block's inputs; PixArt's are per attention."""
-    return layer.rsplit(".", 1)[0] if layer.startswith("joint_blocks.") else layer
+def latent_bytes(latent_channels: int, resolution: Tuple[int, int], element_size: int = 4) -> int:
+    w, h = resolution
+    return element_size * latent_channels * (h // 8) * (w // 8)
 
 
-@dataclass(frozen=True)
-class SampleRef:
-    path: Path
-    index: int
+def max_calls(sample_steps: int) -> int:
+    """Model calls of a sampler run: at most 2 per step for the second-order samplers
+    ComfyUI ships (heun, dpm_2: ``2 * steps - 1``)."""
+    return 2 * sample_steps
 
 
-class Sample:
-    """One cached sample, read lazily from its shard."""
-
-    def __init__(self, ref: SampleRef, device, dtype=None):
-        self.ref, self.device, self.dtype = ref, device, dtype
-        with safe_open(str(ref.path), framework="pt") as f:
-            meta = f.metadata()
-            prefix = f"{ref.index}."
-            self.tensors = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
-        self.grid = tuple(json.loads(meta["grid"]))
-
-    def get(self, key: str) -> torch.Tensor:
-        t = self.tensors[key].to(self.device)
-        return t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t
-
-    def conds(self) -> Dict[str, torch.Tensor]:
-        return {k[len("cond."):]: self.get(k).unsqueeze(0) for k in self.tensors if k.startswith("cond.")}
-
-    def layer_inputs(self, layer: str) -> Dict[str, torch.Tensor]:
-        prefix = f"in.{input_group(layer)}."
-        return {k[len(prefix):]: self.get(k).unsqueeze(0) for k in self.tensors if k.startswith(prefix)}
-
-    def reference(self, layer: str) -> torch.Tensor:
-        return self.get(f"ref.{layer}").unsqueeze(0)
+def stored_states(latent_channels: int, resolution: Tuple[int, int], calls: int) -> int:
+    """How many float16 call states of an image fit IMAGE_BUDGET beside its final latent."""
+    room = IMAGE_BUDGET - latent_bytes(latent_channels, resolution)
+    return max(0, min(calls, room // latent_bytes(latent_channels, resolution, 2)))
 
 
-class TrajectoryCache:
+def image_bytes(latent_channels: int, resolution: Tuple[int, int], sample_steps: int) -> int:
+    """Bytes on disk of one image shard at most: final latent, states, call sigmas, header."""
+    calls = max_calls(sample_steps)
+    states = stored_states(latent_channels, resolution, calls)
+    return (latent_bytes(latent_channels, resolution) + states * (latent_bytes(latent_channels, resolution, 2) + 8)
+            + 8 * calls + SHARD_HEADER_BYTES)
+
+
+def teacher_data_bytes(latent_channels: int, resolutions: Sequence[Tuple[int, int]], n_prompts: int, n_seeds: int,
+                       cond_bytes_per_prompt: int, config) -> int:
+    """Bytes on disk the run's teacher data takes: one shard per image plus the conditioning
+    of every prompt and of the negative prompt (``cond_bytes_per_prompt`` each)."""
+    images = sum(image_bytes(latent_channels, tuple(r), config.sample_steps) for r in resolutions) * n_prompts * n_seeds
+    return images + (n_prompts + 1) * (cond_bytes_per_prompt + SHARD_HEADER_BYTES)
+
+
+def cond_bytes(conds: Dict[str, torch.Tensor]) -> int:
+    """Bytes on disk of one prompt's conditioning rows."""
+    return sum(v.numel() * v.element_size() for v in conds.values())
+
+
+def _write(path: Path, tensors: Dict[str, torch.Tensor], meta: Dict[str, str]):
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), dict(meta, format=FORMAT))
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read(path: Path, load: bool = True) -> Optional[Dict[str, torch.Tensor]]:
+    """The file's tensors (load=False: only checks the header, which safetensors validates
+    against the file's size), or None when it is missing, truncated or not ours."""
+    if not path.is_file() or complete(path) is not None:
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("format") != FORMAT or not f.keys():
+                return None
+            return {k: f.get_tensor(k).clone() if load else None for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return None
+
+
+IMAGE_KEYS = {"latent", "sigmas", "states", "calls"}
+
+
+class TeacherData:
+    """One folder of teacher data (its name is the teacher's fingerprint)."""
+
     def __init__(self, directory):
         self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
 
-    def path(self, job: Job) -> Path:
+    def image_path(self, job: Job) -> Path:
         return self.dir / f"{job.name}.safetensors"
 
-    def has(self, job: Job) -> bool:
-        return self.path(job).is_file()
+    def cond_path(self, prompt: Optional[int]) -> Path:
+        return self.dir / ("cond_negative.safetensors" if prompt is None else f"cond_p{prompt:04d}.safetensors")
 
-    def write(self, job: Job, grid, samples: List[Dict[str, torch.Tensor]], info: List[Dict]):
-        tensors = {f"{i}.{k}": v.detach().cpu().clone(memory_format=torch.contiguous_format) for i, s in enumerate(samples) for k, v in s.items()}
-        meta = {"grid": json.dumps(list(grid)), "samples": json.dumps(info), "job": json.dumps(
-            {"resolution": job.resolution, "prompt": job.prompt, "seed": job.seed})}
-        tmp = self.path(job).with_suffix(".tmp")
-        save_file(tensors, str(tmp), meta)
-        os.replace(tmp, self.path(job))
+    def image(self, job: Job) -> Optional[Dict[str, torch.Tensor]]:
+        """{latent (C, h, w), sigmas (n,), states (K, C, h, w), calls (K,)} or None when
+        missing or unreadable."""
+        read = _read(self.image_path(job))
+        if read is None or set(read) != IMAGE_KEYS or read["latent"].ndim != 3:
+            return None
+        return read
 
-    def samples(self, jobs: List[Job], resolution: Optional[Tuple[int, int]] = None) -> List[SampleRef]:
-        """Every sample of the given jobs (optionally of one resolution), in a fixed order."""
-        refs = []
-        for job in jobs:
-            if resolution is not None and tuple(job.resolution) != tuple(resolution):
-                continue
-            with safe_open(str(self.path(job)), framework="pt") as f:
-                n = len(json.loads(f.metadata()["samples"]))
-            refs.extend(SampleRef(self.path(job), i) for i in range(n))
-        return refs
+    def conds(self, prompt: Optional[int]) -> Optional[Dict[str, torch.Tensor]]:
+        """A prompt's (None: the negative prompt's) conditioning rows, or None."""
+        return _read(self.cond_path(prompt))
+
+    def has(self, job: Job, needs_negative: bool) -> bool:
+        """Whether the job's image and its prompt's conditioning are on disk and read back
+        (headers only); anything else is (re)generated."""
+        image = _read(self.image_path(job), load=False)
+        return (image is not None and set(image) == IMAGE_KEYS
+                and _read(self.cond_path(job.prompt), load=False) is not None
+                and (not needs_negative or _read(self.cond_path(None), load=False) is not None))
+
+    def write(self, job: Job, latent: torch.Tensor, sigmas: torch.Tensor, states: torch.Tensor,
+              cond: Dict[str, torch.Tensor], uncond: Optional[Dict[str, torch.Tensor]]):
+        """``states``: the model input of every call (n, C, h, w); those that fit are kept."""
+        """Conditioning first, image last: the image's presence means the job is complete."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if _read(self.cond_path(job.prompt), load=False) is None:
+            _write(self.cond_path(job.prompt), cond, {"prompt": str(job.prompt)})
+        if uncond is not None and _read(self.cond_path(None), load=False) is None:
+            _write(self.cond_path(None), uncond, {"prompt": "negative"})
+        k = stored_states(latent.shape[0], job.resolution, len(states))
+        calls = torch.linspace(0, len(states) - 1, k).round().long() if k else torch.zeros(0, dtype=torch.long)
+        _write(self.image_path(job), {"latent": latent.float(), "sigmas": sigmas.float(), "calls": calls,
+                                      "states": states[calls].half()},
+               {"job": json.dumps({"resolution": list(job.resolution), "prompt": job.prompt, "seed": job.seed})})
+
+    def bytes_on_disk(self) -> int:
+        return sum(p.stat().st_size for p in self.dir.glob("*.safetensors")) if self.dir.is_dir() else 0
+
+
+def image_jobs(resolutions, n_prompts: int, seeds) -> List[Job]:
+    return [Job(tuple(res), p, seed) for res in resolutions for p in range(n_prompts) for seed in seeds]

@@ -1,6 +1,7 @@
 """Distillation settings and the plan of training phases they imply."""
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from typing import List, Tuple
 
@@ -21,11 +22,12 @@ class Phase:
 class DistillConfig:
     """Everything that determines a distillation's result (besides model, bank and prompts).
 
-    Data: teacher trajectories for every prompt x seed x resolution, sampled with
+    Data: one teacher image for every prompt x seed x resolution, sampled with
     sampler/scheduler/sample_steps/cfg. Training: ``train_steps`` optimiser steps of
-    ``batch_size`` cached samples each, split evenly over the resolutions (ascending:
+    ``batch_size`` examples each, split evenly over the resolutions (ascending:
     progressive resolution), and within each resolution into layer-wise then end-to-end
-    steps by ``layerwise_fraction`` when mode is "layerwise+e2e".
+    steps by ``layerwise_fraction`` when mode is "layerwise+e2e". ``layers_per_step``: train
+    a random subset of that many layers per step (0: all).
     """
     resolutions: Tuple[Tuple[int, int], ...] = ((512, 512),)
     seeds: Tuple[int, ...] = (0,)
@@ -46,8 +48,20 @@ class DistillConfig:
     task_weight: float = 0.0
     seed: int = 0
     checkpoint_every: int = 50
+    layers_per_step: int = 0
 
     def __post_init__(self):
+        for name in ("cfg", "lr", "weight_decay", "grad_clip", "layerwise_fraction", "feature_weight",
+                     "output_weight", "task_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise EDiTError(f"{name} must be a finite number, got {value!r}")
+        if self.lr <= 0 or self.cfg < 0 or self.grad_clip <= 0:
+            raise EDiTError(f"lr and grad_clip must be > 0 and cfg >= 0, got lr {self.lr}, grad_clip "
+                            f"{self.grad_clip}, cfg {self.cfg}")
+        if self.layers_per_step < 0 or self.checkpoint_every < 1:
+            raise EDiTError(f"layers_per_step must be >= 0 and checkpoint_every >= 1, got {self.layers_per_step} "
+                            f"and {self.checkpoint_every}")
         if self.mode not in MODES:
             raise EDiTError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not self.resolutions or any(w < 16 or h < 16 for w, h in self.resolutions):
@@ -85,10 +99,16 @@ class DistillConfig:
         return asdict(self)
 
 
-def parse_resolutions(text: str) -> Tuple[Tuple[int, int], ...]:
-    """'512,1024' or '768x512, 1024' -> ((512, 512), (1024, 1024)) / ((768, 512), (1024, 1024))."""
+def _items(text) -> List[str]:
+    """'0,1 2' or ['0', '1,2'] -> ['0', '1', '2']: comma and space separated lists alike."""
+    parts = text if isinstance(text, (list, tuple)) else [text]
+    return [p for part in parts for p in str(part).replace(",", " ").split()]
+
+
+def parse_resolutions(text) -> Tuple[Tuple[int, int], ...]:
+    """'512,1024', '512 1024' or '768x512, 1024' -> ((512, 512), (1024, 1024)) / ((768, 512), (1024, 1024))."""
     out = []
-    for part in text.split(","):
+    for part in _items(text):
         w, _, h = part.strip().lower().partition("x")
         try:
             out.append((int(w), int(h or w)))
@@ -97,11 +117,12 @@ def parse_resolutions(text: str) -> Tuple[Tuple[int, int], ...]:
     return tuple(out)
 
 
-def parse_ints(text: str) -> Tuple[int, ...]:
+def parse_ints(text) -> Tuple[int, ...]:
+    """'0,1,2', '0 1 2' -> (0, 1, 2)."""
     try:
-        return tuple(int(p) for p in text.split(",") if p.strip())
+        return tuple(int(p) for p in _items(text))
     except ValueError:
-        raise EDiTError(f"{text!r} is not a comma-separated list of whole numbers")
+        raise EDiTError(f"{text!r} is not a list of whole numbers (e.g. 0,1,2 or 0 1 2)")
 
 
 def fingerprint(obj) -> str:

@@ -9,8 +9,8 @@ from ..bank import EDiTBank, init_bank
 from ..comfy_model import diffusion_model, model_spec
 from ..modules import split_heads
 from ..patcher import apply_edit, layer_inputs
-from .cache import Job, input_group
-from .trajectories import record_trajectory, sample
+from .cache import Job
+from .trajectories import sample, teacher_sample
 
 
 def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -34,21 +34,22 @@ def final_latent_errors(model, bank: EDiTBank, positive: List, negative, seeds, 
 @torch.no_grad()
 def attention_entropy(model, positive, negative, resolution, seed=0, steps=4, cfg=4.0) -> Dict[str, float]:
     """Mean entropy of the teacher's softmax attention rows over image queries, per converted
-    layer, as a fraction of uniform attention's log(keys). Explicit N x N: small models only."""
+    layer, as a fraction of uniform attention's log(keys), over every call of a short
+    sampling run. Explicit N x N: small models only."""
     spec = model_spec(model)
     student = apply_edit(model, init_bank(spec))
-    job = Job(tuple(resolution), 0, seed)
-    grid, samples, _, _ = record_trajectory(student, positive, negative, job, "euler", "simple", steps, cfg)
     dm = diffusion_model(model)
     totals = {name: [] for name in spec.layers}
-    for s in samples:
-        for name in spec.layers:
-            prefix = f"in.{input_group(name)}."
-            inputs = layer_inputs(dm, name, {k[len(prefix):]: v.unsqueeze(0) for k, v in s.items() if k.startswith(prefix)})
-            q, k = split_heads(inputs["q"], spec.heads), split_heads(inputs["k"], spec.heads)
-            if "k_txt" in inputs:
-                k = torch.cat((split_heads(inputs["k_txt"], spec.heads), k), dim=-2)
-            p = torch.softmax((q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1]), dim=-1)
-            entropy = -(p * p.clamp_min(1e-30).log()).sum(-1).mean()
-            totals[name].append(float(entropy) / math.log(k.shape[-2]))
+
+    def sink(name, grid, tensors):
+        inputs = layer_inputs(dm, name, tensors)
+        q, k = split_heads(inputs["q"], spec.heads), split_heads(inputs["k"], spec.heads)
+        if "k_txt" in inputs:
+            k = torch.cat((split_heads(inputs["k_txt"], spec.heads), k), dim=-2)
+        p = torch.softmax((q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1]), dim=-1)
+        entropy = -(p * p.clamp_min(1e-30).log()).sum(-1).mean()
+        totals[name].append(float(entropy) / math.log(k.shape[-2]))
+
+    teacher_sample(student, positive, negative, Job(tuple(resolution), 0, seed), "euler", "simple", steps, cfg,
+                   capture=sink)
     return {name: mean(v) for name, v in totals.items()}

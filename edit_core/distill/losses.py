@@ -1,25 +1,41 @@
-"""The student's distillation loss on one cached sample (ComfyUI-aware).
+"""One training example: the teacher runs online, the student learns from its features in the
+same step (ComfyUI-aware).
 
-Layer-wise: every converted layer gets the teacher's own inputs to that layer (recomputed
-from the cached layer inputs with the model's frozen projections) and learns to reproduce
-the teacher's attention output; no backprop through the network. End-to-end: the student
-runs the whole model; feature losses on every layer's attention output plus an output loss
-on the denoised prediction (plus, optionally, a task loss on user latents).
+An ``Example`` is a model input: a latent already noised to sigma ``t``, and the
+conditioning the model takes. ``train_example`` runs the teacher (EDiT off, no grad) on it
+with a capture sink and accumulates the student's weighted gradients into the bank's
+``.grad``; the optimiser step is the caller's.
+
+- Layer-wise: inside the sink, each converted layer's student attention runs on the
+  teacher's own inputs to that layer (q, k, v recomputed with the model's frozen
+  projections), its loss against the teacher's attention output is backpropagated into the
+  bank at once, and the layer's tensors are dropped: beyond the teacher forward, one layer's
+  inputs are alive at a time. With a layer subset the teacher stops after its last layer.
+- End-to-end: the teacher forward keeps only the converted layers' attention outputs; then
+  the student runs the whole model (blocks checkpointed, see student.py) with feature losses
+  on every layer's attention output plus an output loss on the denoised prediction. Beyond
+  one block's activations, two N x C tensors per converted layer are alive (the teacher's
+  and the student's attention outputs).
 
 All losses are relative squared errors, mean((s - t)^2) / mean(t^2), so layers and outputs
 of different scales weigh alike.
 """
-from typing import Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Collection, Dict, Optional
 
 import torch
 import torch.nn as nn
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..bank import EDiTBank, layer_kind
 from ..comfy_model import diffusion_model
-from ..patcher import STUDENT, call_model, layer_inputs
-from .cache import Sample
+from ..patcher import STUDENT, TEACHER, call_model, layer_inputs
+
+
+@dataclass
+class Example:
+    x: torch.Tensor                  # model input latent (B, C, h, w), already noised to t
+    t: torch.Tensor                  # sigma (B,)
+    conds: Dict[str, torch.Tensor]   # what the model takes besides x, t: c_crossattn, y, ...
 
 
 def relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -27,34 +43,19 @@ def relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return (s - t).square().mean() / t.square().mean().clamp_min(1e-12)
 
 
-class FreshInferenceTensors(TorchFunctionMode):
-    """ComfyUI loads models under torch.inference_mode, and autograd cannot save inference
-    tensors for backward. Where an op mixes such a tensor (a frozen weight) with one that
-    requires grad, hand it a clone, a normal tensor. Outside ComfyUI nodes nothing is cloned."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        flat, spec = tree_flatten((args, kwargs or {}))
-        tensors = [t for t in flat if isinstance(t, torch.Tensor)]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors) and any(t.is_inference() for t in tensors):
-            flat = [t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t for t in flat]
-            args, kwargs = tree_unflatten(flat, spec)
-        return func(*args, **(kwargs or {}))
+class _TeacherDone(Exception):
+    """Raised in the sink after the last layer a layer-wise step needs: stops the teacher."""
 
 
 class StudentLoss(nn.Module):
-    """forward(sample, mode) -> (loss, per-part losses). The bank is the only trainable
-    module; DDP wraps this so its forward prepares the gradient all-reduce."""
+    """The bank (the only trainable module) and the model it trains through (``trainer``:
+    student.trainer_model, a ComfyUI ModelPatcher, loaded)."""
 
-    def __init__(self, bank: EDiTBank, student, feature_weight=1.0, output_weight=1.0, task_weight=0.0):
+    def __init__(self, bank: EDiTBank, trainer, feature_weight=1.0, output_weight=1.0, task_weight=0.0):
         super().__init__()
         self.bank = bank
-        self.__dict__["student"] = student  # a ComfyUI ModelPatcher: not a submodule
+        self.__dict__["trainer"] = trainer  # a ComfyUI ModelPatcher: not a submodule
         self.feature_weight, self.output_weight, self.task_weight = feature_weight, output_weight, task_weight
-
-    def forward(self, sample: Sample, mode: str, task: Optional[Tuple] = None):
-        if mode == "layerwise":
-            return self.layerwise(sample)
-        return self.end_to_end(sample, task)
 
     def layer_output(self, name: str, inputs: Dict[str, torch.Tensor], grid) -> torch.Tensor:
         layer = self.bank.layer(name)
@@ -63,36 +64,105 @@ class StudentLoss(nn.Module):
                          inputs["v"], grid, prompt_rows=False)[1]
         return layer(inputs["x"], inputs["q"], inputs["k"], inputs["v"], grid)
 
-    def layer_losses(self, sample: Sample) -> Dict[str, torch.Tensor]:
-        """Each layer's error on the teacher's inputs to it."""
-        dm = diffusion_model(self.student)
-        losses = {}
-        for name in self.bank.config.layers:
-            with torch.no_grad():
-                inputs = layer_inputs(dm, name, sample.layer_inputs(name))
-            losses[name] = relative_mse(self.layer_output(name, inputs, sample.grid), sample.reference(name))
-        return losses
+    def layer_loss(self, name: str, tensors: Dict[str, torch.Tensor], grid) -> torch.Tensor:
+        """A layer's loss on the teacher's inputs to it (``tensors``: what the sink got)."""
+        with torch.no_grad():
+            inputs = layer_inputs(diffusion_model(self.trainer), name, tensors)
+        return relative_mse(self.layer_output(name, inputs, grid), tensors["out"])
 
-    def layerwise(self, sample: Sample):
-        parts = self.layer_losses(sample)
-        return self.feature_weight * torch.stack(list(parts.values())).mean(), parts
+    def layerwise(self, example: Example, weight: float, layers: Collection[str], backward: bool = True):
+        parts: Dict[str, torch.Tensor] = {}
+        scale = weight * self.feature_weight / len(layers)
 
-    def run_student(self, x, t, conds, sink=None):
-        with FreshInferenceTensors():
-            return call_model(self.student, x, t, conds, STUDENT, sink)
+        def sink(name, grid, tensors):
+            if name not in layers:
+                return
+            with torch.enable_grad() if backward else torch.no_grad():
+                loss = self.layer_loss(name, tensors, grid)
+                if backward:
+                    (loss * scale).backward()
+            parts[name] = loss.detach()
+            del loss, tensors  # the layer's graph and inputs go now
+            if len(parts) == len(layers):
+                raise _TeacherDone
 
-    def end_to_end(self, sample: Sample, task=None):
-        outputs = {}
-        out = self.run_student(sample.get("x").unsqueeze(0), sample.get("t").reshape(1), sample.conds(),
-                               lambda name, grid, tensors: outputs.__setitem__(name, tensors["out"]))
-        parts = {name: relative_mse(outputs[name], sample.reference(name)) for name in self.bank.config.layers}
-        parts["output"] = relative_mse(out, sample.get("out").unsqueeze(0))
-        loss = (self.feature_weight * torch.stack([parts[n] for n in self.bank.config.layers]).mean()
-                + self.output_weight * parts["output"])
-        if task is not None and self.task_weight > 0:
-            x0, noise, sigma, conds = task
-            ms = self.student.get_model_object("model_sampling")
-            denoised = self.run_student(ms.noise_scaling(sigma, noise, x0), sigma, conds)
-            parts["task"] = relative_mse(denoised, x0)
-            loss = loss + self.task_weight * parts["task"]
-        return loss, parts
+        with torch.no_grad():
+            try:
+                call_model(self.trainer, example.x, example.t, example.conds, TEACHER, sink)
+            except _TeacherDone:
+                pass
+        missing = [n for n in layers if n not in parts]
+        if missing:
+            raise RuntimeError(f"the teacher forward never reached layers {missing}")
+        parts = {n: parts[n] for n in layers}
+        return dict(parts, loss=self.feature_weight * torch.stack(list(parts.values())).mean())
+
+    def end_to_end(self, example: Example, weight: float, layers: Collection[str]):
+        targets: Dict[str, torch.Tensor] = {}
+
+        def teacher_sink(name, grid, tensors):
+            if name in layers:
+                targets[name] = tensors["out"]
+
+        with torch.no_grad():
+            target = call_model(self.trainer, example.x, example.t, example.conds, TEACHER, teacher_sink)
+        outputs: Dict[str, torch.Tensor] = {}
+
+        def student_sink(name, grid, tensors):
+            # Only a reference: an op here would run inside a checkpointed block and change
+            # what it saves. The block calls the sink again when it is recomputed in backward.
+            if name in targets and name not in outputs:
+                outputs[name] = tensors["out"]
+
+        with torch.enable_grad():
+            out = call_model(self.trainer, example.x, example.t, example.conds, STUDENT, student_sink)
+            parts = {name: relative_mse(outputs.pop(name), targets.pop(name)) for name in layers}
+            parts["output"] = relative_mse(out, target)
+            del out, target
+            loss = (self.feature_weight * torch.stack([parts[n] for n in layers]).mean()
+                    + self.output_weight * parts["output"])
+            (loss * weight).backward()
+        return dict({k: v.detach() for k, v in parts.items()}, loss=loss.detach())
+
+    def task(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, conds, weight: float):
+        """The task loss: the student's denoised prediction of a user latent ``x0``."""
+        ms = self.trainer.get_model_object("model_sampling")
+        with torch.enable_grad():
+            denoised = call_model(self.trainer, ms.noise_scaling(sigma, noise, x0), sigma, conds, STUDENT)
+            loss = relative_mse(denoised, x0)
+            (loss * weight * self.task_weight).backward()
+        return loss.detach()
+
+
+def _value(t: torch.Tensor) -> float:
+    """A loss as a float; NaN under FakeTensorMode (memory planning computes no values)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    return float("nan") if isinstance(t, FakeTensor) else float(t)
+
+
+def train_example(loss_fn: StudentLoss, example: Example, mode: str, weight: float = 1.0,
+                  layers: Optional[Collection[str]] = None) -> Dict[str, float]:
+    """Teacher forward + student loss for one example in ``mode`` ("layerwise" or "e2e"),
+    gradients times ``weight`` accumulated into the bank's ``.grad``. ``layers``: a subset of
+    the bank's layers (default: all). Returns the losses: "loss" and one per layer (and
+    "output" end-to-end)."""
+    layers = tuple(loss_fn.bank.config.layers) if layers is None else tuple(layers)
+    if mode == "layerwise":
+        parts = loss_fn.layerwise(example, weight, layers)
+    elif mode == "e2e":
+        parts = loss_fn.end_to_end(example, weight, layers)
+    else:
+        raise ValueError(f"mode must be 'layerwise' or 'e2e', got {mode!r}")
+    return {k: _value(v) for k, v in parts.items()}
+
+
+@torch.no_grad()
+def layer_errors(loss_fn: StudentLoss, examples) -> Dict[str, float]:
+    """Each converted layer's relative error on the teacher's inputs, averaged over ``examples``."""
+    totals: Dict[str, float] = {}
+    layers = tuple(loss_fn.bank.config.layers)
+    for example in examples:
+        parts = loss_fn.layerwise(example, 1.0, layers, backward=False)
+        for name in layers:
+            totals[name] = totals.get(name, 0.0) + _value(parts[name]) / len(examples)
+    return totals

@@ -1,14 +1,17 @@
 """Distill an EDiT bank from its teacher: data, then a training loop you can read top to bottom.
 
-    teacher data  ->  phases (resolution x layer-wise / end-to-end)  ->  AdamW steps  ->  bank
+    teacher images  ->  phases (resolution x layer-wise / end-to-end)  ->  AdamW steps  ->  bank
 
 One loaded ComfyUI model serves as teacher (EDiT off) and student (EDiT on); only the bank
-trains. Runs under torchrun use PyTorch DDP: teacher shards are split across ranks,
-gradients are all-reduced, rank 0 writes checkpoints. A checkpoint (bank, optimiser, step)
-is written every ``checkpoint_every`` steps and on interruption; the same call with the same
-arguments resumes from it and ends with the same bank as an uninterrupted run.
+trains. Teacher data is each image's final latent; every step re-noises stored latents and
+runs the teacher online (examples.py, losses.py). Under torchrun the teacher images are
+split across ranks and the bank's gradients are averaged with one all-reduce per step
+(torch.distributed; see docs/distillation.md for why not DistributedDataParallel). Rank 0
+writes a checkpoint every ``checkpoint_every`` steps and on interruption; the same call with
+the same arguments resumes from it and ends with the same bank as an uninterrupted run.
 """
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -17,19 +20,22 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 import comfy.model_management
+import comfy.samplers
 
-from ..bank import EDiTBank, init_bank
+from ..bank import EDiTBank, EDiTError, init_bank
 from ..comfy_model import model_spec
-from ..patcher import apply_edit
-from .cache import Job, Sample, TrajectoryCache
+from .cache import TeacherData, cond_bytes, image_bytes, image_jobs
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import DistillConfig, Phase, fingerprint
-from .losses import StudentLoss
-from .trajectories import generate
+from .examples import batch, layer_subset, make_example
+from .losses import StudentLoss, layer_errors, train_example
+from .student import trainable_weights, trainer_model
+from .trajectories import generate, needs_negative
 
-EVAL_SAMPLES = 8
+EVAL_EXAMPLES = 8
+CHECKPOINT = "checkpoint.safetensors"
 
 
 @dataclass
@@ -43,6 +49,7 @@ class DistillResult:
     seconds_train: float = 0.0
     work_dir: Optional[Path] = None
     resumed_from: int = 0  # the checkpoint's step when the run resumed one
+    teacher_bytes: int = 0  # teacher data on disk
 
     def summary(self) -> Dict:
         """The training summary stored in the bank file's metadata."""
@@ -50,6 +57,10 @@ class DistillResult:
         return {"config": self.config.to_dict(), "steps": len(self.history), "final_loss": last.get("loss"),
                 "layer_error_before": self.layer_errors_before, "layer_error_after": self.layer_errors_after,
                 "seconds_teacher": round(self.seconds_teacher, 2), "seconds_train": round(self.seconds_train, 2)}
+
+
+class NonFiniteError(EDiTError):
+    pass
 
 
 def _rank_world():
@@ -63,20 +74,39 @@ def _barrier(world):
         dist.barrier()
 
 
-def model_fingerprint(patcher) -> str:
-    """Cheap identity of the teacher's weights: shapes and the first values of every tensor."""
-    sd = patcher.model.diffusion_model.state_dict()
-    return fingerprint([(k, list(v.shape), v.flatten()[:16].float().tolist()) for k, v in sorted(sd.items())])
-
-
-def tensors_fingerprint(obj) -> str:
+def describe(obj):
+    """A JSON-able description of patches, model sampling etc. with tensors summarised by
+    shape and a strided sample of their values (cheap, and changes when they change)."""
     if torch.is_tensor(obj):
-        return fingerprint([list(obj.shape), obj.flatten()[:: max(1, obj.numel() // 4096)].float().tolist()])
+        flat = obj.detach().reshape(-1)
+        return [list(obj.shape), str(obj.dtype), flat[:: max(1, flat.numel() // 4096)].float().cpu().tolist()]
     if isinstance(obj, dict):
-        return fingerprint({k: tensors_fingerprint(v) for k, v in sorted(obj.items())})
+        return {str(k): describe(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
     if isinstance(obj, (list, tuple)):
-        return fingerprint([tensors_fingerprint(v) for v in obj])
-    return fingerprint(obj)
+        return [describe(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if hasattr(obj, "weights"):  # ComfyUI weight adapters (LoRA, LoHa, ...)
+        return [type(obj).__name__, describe(obj.weights)]
+    if callable(obj):
+        return getattr(obj, "__qualname__", type(obj).__name__)
+    return type(obj).__name__
+
+
+def teacher_fingerprint(patcher, positive, negative, config: DistillConfig) -> str:
+    """Identity of the teacher that actually runs: base weights, the clone's weight patches
+    (LoRA and their strengths), the model sampling it samples with (shift, multiplier, its
+    sigma table), the sampler's schedule and settings, and the conditioning."""
+    sd = patcher.model.diffusion_model.state_dict()
+    # A loaded clone's patches are baked into the shared module: read the originals back.
+    prefix = "diffusion_model."
+    sd.update({k[len(prefix):]: b.weight for k, b in patcher.backup.items() if k.startswith(prefix)})
+    weights = [(k, list(v.shape), v.reshape(-1)[:16].float().cpu().tolist()) for k, v in sorted(sd.items())]
+    ms = patcher.get_model_object("model_sampling")
+    sampling = [type(ms).__name__, {k: describe(getattr(ms, k)) for k in ("shift", "multiplier") if hasattr(ms, k)},
+                describe(ms.sigmas), describe(comfy.samplers.calculate_sigmas(ms, config.scheduler, config.sample_steps))]
+    return fingerprint([config.data_fingerprint(), weights, describe(patcher.patches), sampling,
+                        describe(positive), describe(negative)])
 
 
 def trainable_copy(bank: EDiTBank, device) -> EDiTBank:
@@ -87,18 +117,6 @@ def trainable_copy(bank: EDiTBank, device) -> EDiTBank:
         return fresh.to(device).requires_grad_(True)
 
 
-def batch(pool: List, phase_index: int, step_in_phase: int, size: int, seed: int) -> List:
-    """The samples of one optimiser step: consecutive slices of per-epoch permutations seeded
-    by (seed, phase, epoch), so the data position is a pure function of the step."""
-    n, picked = len(pool), []
-    epoch, offset = divmod(step_in_phase * size, n)
-    while len(picked) < size:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + phase_index * 10_007 + epoch)
-        picked += torch.randperm(n, generator=g)[offset:offset + size - len(picked)].tolist()
-        epoch, offset = epoch + 1, 0
-    return [pool[i] for i in picked]
-
-
 def learning_rate(config: DistillConfig, step: int) -> float:
     """Linear warm-up, then cosine decay to a tenth of the peak."""
     warm = min(1.0, (step + 1) / max(1, config.warmup_steps))
@@ -106,31 +124,44 @@ def learning_rate(config: DistillConfig, step: int) -> float:
     return config.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def task_inputs(student, latents, step: int, conds, seed: int, device):
+def task_inputs(trainer, latents, step: int, conds, seed: int, device):
     """A task-loss example: a user latent noised to a step-seeded sigma."""
     g = torch.Generator().manual_seed(seed * 7919 + step)
-    ms = student.get_model_object("model_sampling")
-    x0 = student.model.process_latent_in(latents[step % latents.shape[0]].unsqueeze(0)).to(device)
+    ms = trainer.get_model_object("model_sampling")
+    x0 = trainer.model.process_latent_in(latents[step % latents.shape[0]].unsqueeze(0)).to(device)
     noise = torch.randn(x0.shape, generator=g).to(device)
     u = float(torch.rand((), generator=g)) * 0.98 + 0.01
     sigma = torch.tensor([ms.percent_to_sigma(u)], device=device)
     return x0, noise, sigma, conds
 
 
-@torch.no_grad()
-def layer_errors(loss: StudentLoss, refs, device, dtype) -> Dict[str, float]:
-    """Each converted layer's relative error on the teacher's inputs, averaged over ``refs``."""
-    totals: Dict[str, float] = {}
-    for ref in refs:
-        for name, v in loss.layer_losses(Sample(ref, device, dtype)).items():
-            totals[name] = totals.get(name, 0.0) + float(v) / len(refs)
-    return totals
+def check_work_dir(work_dir: Path, need_bytes: int):
+    """The work folder exists, is writable and has room for ``need_bytes``: EDiTError if not."""
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        probe = work_dir / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise EDiTError(f"the distillation work folder {work_dir} is not writable ({e.strerror or e}): "
+                        f"pick another work folder")
+    free = shutil.disk_usage(work_dir).free
+    if free < need_bytes:
+        raise EDiTError(f"the distillation work folder {work_dir} has {free / 2**20:.1f} MiB free, the teacher data "
+                        f"and checkpoints need {need_bytes / 2**20:.1f} MiB: free space or pick another work folder")
 
 
-def save_checkpoint(path: Path, state: Dict):
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+def _sum_grads_over_ranks(params):
+    """Each rank weighted its examples by 1 / global batch: the sum over ranks is the global
+    batch's mean gradient. One flat all-reduce per step (the bank is small)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
 
 
 def distill(model, positive: List, negative, config: DistillConfig, work_dir, bank: Optional[EDiTBank] = None,
@@ -143,7 +174,7 @@ def distill(model, positive: List, negative, config: DistillConfig, work_dir, ba
     in it (e.g. ComfyUI's interrupt) stops the run after a checkpoint is written.
     """
     # ComfyUI runs nodes under inference_mode, whose tensors autograd and AdamW cannot use:
-    # everything made here (bank, optimiser state, loaded samples) must be normal tensors.
+    # everything made here (bank, optimiser state, examples) must be normal tensors.
     with torch.inference_mode(False):
         return _distill(model, positive, negative, config, Path(work_dir), bank, latents, on_progress or (lambda e: None))
 
@@ -151,114 +182,145 @@ def distill(model, positive: List, negative, config: DistillConfig, work_dir, ba
 def _distill(model, positive, negative, config, work_dir, bank, latents, progress) -> DistillResult:
     rank, world = _rank_world()
     if config.batch_size % world:
-        raise ValueError(f"batch_size {config.batch_size} must be a multiple of the number of processes ({world})")
+        raise EDiTError(f"batch_size {config.batch_size} must be a multiple of the number of processes ({world})")
     device = model.load_device
     train_dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     start_bank = bank if bank is not None else init_bank(model_spec(model), seed=config.seed)
-    model_fp = model_fingerprint(model)
-    data_fp = fingerprint([config.data_fingerprint(), model_fp, tensors_fingerprint([positive, negative])])
-    run_fp = fingerprint([data_fp, config.to_dict(), tensors_fingerprint(start_bank.tensors()),
-                          list(start_bank.config.layers), tensors_fingerprint(latents) if latents is not None else None])
+    data_fp = teacher_fingerprint(model, positive, negative, config)
+    run_fp = fingerprint([data_fp, config.to_dict(), describe(start_bank.tensors()), list(start_bank.config.layers),
+                          describe(latents) if latents is not None else None])
     run_dir = work_dir / f"run-{run_fp}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = run_dir / "checkpoint.pt"
+    checkpoint = run_dir / CHECKPOINT
 
-    # 1. Teacher data: one shard per trajectory, split over ranks, reused across runs.
+    # 0. Room on disk, before any work: the teacher images not on disk yet + checkpoints.
+    data = TeacherData(work_dir / f"teacher-{data_fp}")
+    jobs = image_jobs(config.resolutions, len(positive), config.seeds)
+    channels = model.get_model_object("latent_format").latent_channels
+    missing = [j for j in jobs if not data.has(j, needs_negative(config))]
+    cond_size = max((cond_bytes({k: v for k, v in c[0][1].items() if torch.is_tensor(v)}) + c[0][0].numel() * 4
+                     for c in list(positive) + [negative]), default=0)
+    bank_bytes = sum(v.numel() * 4 for v in start_bank.tensors().values())
+    need = (sum(image_bytes(channels, j.resolution, config.sample_steps) for j in missing)
+            + (len(positive) + 1) * cond_size + 8 * bank_bytes)
+    check_work_dir(run_dir, need)
+
+    # 1. Teacher data: one image per shard, split over ranks, reused across runs.
     train_bank = trainable_copy(start_bank, device)
-    student = apply_edit(model, train_bank)
-    jobs = [Job(tuple(res), p, seed) for res in config.resolutions for p in range(len(positive)) for seed in config.seeds]
-    cache = TrajectoryCache(work_dir / f"teacher-{data_fp}")
+    trainer = trainer_model(model, train_bank)
     t0 = time.perf_counter()
     calls = [0]
-    total_calls = sum(1 for j, job in enumerate(jobs) if j % world == rank and not cache.has(job)) * config.sample_steps
+    mine = [j for i, j in enumerate(jobs) if i % world == rank and not data.has(j, needs_negative(config))]
+    total_calls = len(mine) * config.sample_steps * (2 if needs_negative(config) else 1)
 
     def teacher_progress():
         calls[0] += 1
-        progress({"stage": "teacher", "step": calls[0], "total": total_calls})
+        progress({"stage": "teacher", "step": min(calls[0], total_calls), "total": total_calls})
 
-    generate(student, positive, negative, jobs, cache, config, rank, world, teacher_progress)
+    generate(trainer, positive, negative, jobs, data, config, rank, world, teacher_progress)
     _barrier(world)
     seconds_teacher = time.perf_counter() - t0
 
-    # 2. The student: only the bank trains; DDP all-reduces its gradients.
+    # 2. The student: only the bank trains; the frozen weights become normal tensors once.
     frozen = [(p, p.requires_grad) for p in model.model.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)
-    comfy.model_management.load_models_gpu([student], force_full_load=True)
-    loss_fn = StudentLoss(train_bank, student, config.feature_weight, config.output_weight, config.task_weight)
-    ddp = DistributedDataParallel(loss_fn) if world > 1 else loss_fn
-    optimizer = torch.optim.AdamW(train_bank.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    comfy.model_management.load_models_gpu([trainer], force_full_load=True)
+    trainable_weights(model.model)
+    loss_fn = StudentLoss(train_bank, trainer, config.feature_weight, config.output_weight, config.task_weight)
+    params = list(train_bank.parameters())
+    if world > 1:
+        for p in params:
+            dist.broadcast(p.data, 0)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     phases: List[Phase] = config.phases()
-    pools = {res: cache.samples(jobs, res) for res in {p.resolution for p in phases}}
-    eval_refs = pools[phases[-1].resolution][:EVAL_SAMPLES]
+    pools = {res: [j for j in jobs if j.resolution == tuple(res)] for res in {p.resolution for p in phases}}
+    use_negative = needs_negative(config)
 
-    result = DistillResult(train_bank, config, work_dir=run_dir, seconds_teacher=seconds_teacher)
+    def example(job, step, slot):
+        return make_example(trainer, data, job, config.seed, step, slot, device, train_dtype, use_negative)
+
+    top = pools[phases[-1].resolution]
+    eval_examples = [example(top[i % len(top)], config.train_steps, i) for i in range(EVAL_EXAMPLES)]
+    autocast = torch.autocast("cuda", dtype=train_dtype) if train_dtype != torch.float32 else nullcontext()
+
+    result = DistillResult(train_bank, config, work_dir=run_dir, seconds_teacher=seconds_teacher,
+                           teacher_bytes=data.bytes_on_disk())
     step = 0
     if checkpoint.is_file():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        train_bank.load_state_dict(state["bank"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, result.history = state["step"], state["history"]
+        info = load_checkpoint(checkpoint, train_bank, optimizer, run_fp)
+        step, result.history = info["step"], info["history"]
         result.resumed_from = step
-        result.layer_errors_before, result.seconds_train = state["layer_errors_before"], state["seconds_train"]
+        result.layer_errors_before, result.seconds_train = info["layer_errors_before"], info["seconds_train"]
     else:
-        result.layer_errors_before = layer_errors(loss_fn, eval_refs, device, train_dtype)
+        with autocast:
+            result.layer_errors_before = layer_errors(loss_fn, eval_examples)
 
-    def snapshot():
-        return {"step": step, "bank": train_bank.state_dict(), "optimizer": optimizer.state_dict(),
-                "history": result.history, "layer_errors_before": result.layer_errors_before,
-                "seconds_train": result.seconds_train, "run": run_fp}
+    def save():
+        save_checkpoint(checkpoint, train_bank, optimizer, {
+            "step": step, "history": result.history, "run": run_fp, "layer_errors_before": result.layer_errors_before,
+            "seconds_train": result.seconds_train})
 
     # 3. The loop.
     t_start = time.perf_counter() - result.seconds_train
-    autocast = torch.autocast("cuda", dtype=train_dtype) if train_dtype != torch.float32 else nullcontext()
     try:
-        with torch.enable_grad():
-            while step < config.train_steps:
-                phase_index, phase = next((i, p) for i, p in enumerate(phases) if p.start <= step < p.start + p.steps)
-                lr = learning_rate(config, step)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                refs = batch(pools[phase.resolution], phase_index, step - phase.start, config.batch_size, config.seed)
-                mine = refs[rank::world]
-                optimizer.zero_grad(set_to_none=True)
-                step_loss, step_parts = 0.0, {}
-                for j, ref in enumerate(mine):
-                    sample = Sample(ref, device, train_dtype)
-                    task = None
-                    if latents is not None and phase.mode == "e2e":
-                        task = task_inputs(student, latents, step, sample.conds(), config.seed, device)
-                    sync = ddp.no_sync() if world > 1 and j < len(mine) - 1 else nullcontext()
-                    with sync:
-                        with autocast:
-                            loss, parts = ddp(sample, phase.mode, task)
-                        (loss / len(mine)).backward()
-                    step_loss += float(loss.detach()) / len(mine)
-                    for k, v in parts.items():
-                        step_parts[k] = step_parts.get(k, 0.0) + float(v.detach()) / len(mine)
-                torch.nn.utils.clip_grad_norm_(train_bank.parameters(), config.grad_clip)
-                optimizer.step()
-                step += 1
-                result.history.append({"step": step, "mode": phase.mode, "resolution": list(phase.resolution),
-                                       "lr": lr, "loss": step_loss, **{f"loss.{k}": v for k, v in step_parts.items()}})
-                result.seconds_train = time.perf_counter() - t_start
-                if rank == 0 and step % config.checkpoint_every == 0:
-                    save_checkpoint(checkpoint, snapshot())
-                progress({"stage": "train", "step": step, "total": config.train_steps, "loss": step_loss,
-                          "mode": phase.mode})
+        while step < config.train_steps:
+            phase_index, phase = next((i, p) for i, p in enumerate(phases) if p.start <= step < p.start + p.steps)
+            lr = learning_rate(config, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            picked = batch(pools[phase.resolution], phase_index, step - phase.start, config.batch_size, config.seed)
+            layers = layer_subset(train_bank.config.layers, config.layers_per_step, config.seed, step)
+            optimizer.zero_grad(set_to_none=True)
+            step_parts: Dict[str, float] = {}
+            slots = list(range(rank, len(picked), world))
+            for slot in slots:
+                with autocast:
+                    parts = train_example(loss_fn, example(picked[slot], step, slot), phase.mode, 1.0 / len(picked),
+                                          layers)
+                for k, v in parts.items():
+                    step_parts[k] = step_parts.get(k, 0.0) + v / len(slots)
+            if latents is not None and phase.mode == "e2e" and config.task_weight > 0:
+                # Every rank computes the same task example: each takes 1 / world of it.
+                task = task_inputs(trainer, latents, step, example(picked[0], step, 0).conds, config.seed, device)
+                with autocast:
+                    step_parts["task"] = float(loss_fn.task(*task, weight=1.0 / world))
+                step_parts["loss"] += config.task_weight * step_parts["task"]
+            if world > 1:
+                _sum_grads_over_ranks(params)
+            norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            loss_value = step_parts["loss"]
+            if not math.isfinite(loss_value) or not torch.isfinite(norm):
+                what = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {float(norm)}"
+                raise NonFiniteError(
+                    f"distillation stopped at step {step + 1}: the {what} is not finite. Likely cause: the learning "
+                    f"rate ({config.lr}) is too high, or the teacher's CFG ({config.cfg}) or the model gives "
+                    f"non-finite outputs. No bank was written; the last finite checkpoint is kept in {run_dir}")
+            optimizer.step()
+            step += 1
+            result.history.append({"step": step, "mode": phase.mode, "resolution": list(phase.resolution),
+                                   "lr": lr, **{("loss" if k == "loss" else f"loss.{k}"): v
+                                                for k, v in step_parts.items()}})
+            result.seconds_train = time.perf_counter() - t_start
+            if rank == 0 and step % config.checkpoint_every == 0:
+                save()
+            progress({"stage": "train", "step": step, "total": config.train_steps, "loss": loss_value,
+                      "mode": phase.mode})
+    except NonFiniteError:
+        raise
     except BaseException:
         if rank == 0:
-            save_checkpoint(checkpoint, snapshot())
+            save()
         raise
     finally:
         for p, flag in frozen:
             with torch.inference_mode(p.is_inference()):  # inference tensors may only get it back there
                 p.requires_grad_(flag)
     if rank == 0:
-        save_checkpoint(checkpoint, snapshot())
+        save()
     _barrier(world)
 
-    result.layer_errors_after = layer_errors(loss_fn, eval_refs, device, train_dtype)
+    with autocast:
+        result.layer_errors_after = layer_errors(loss_fn, eval_examples)
     train_bank.requires_grad_(False)
     train_bank.config = replace(train_bank.config, training=result.summary())
     return result

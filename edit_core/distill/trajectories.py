@@ -1,11 +1,12 @@
-"""Teacher trajectories: sample with the teacher and record every model call (ComfyUI-aware).
+"""Teacher data: sample each image with the teacher and keep its latents (ComfyUI-aware).
 
 The teacher is the EDiT-patched model forced onto its original attention. An APPLY_MODEL
-wrapper sees every call the sampler makes (cond and uncond rows of each step), runs it as
-the teacher with a capture sink, and keeps per batch row: the input latent, sigma, the
-conditioning the sampler passed, the denoised output and every converted layer's inputs and
-attention output. Nothing is re-run later: these are the training data.
+wrapper sees every call the sampler makes: it forces the teacher path and notes the call's
+sigma and input latent and, on the first call, the conditioning rows the model received
+(cond and uncond). Nothing per layer is kept: training recomputes the teacher's features
+online.
 """
+import math
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -14,13 +15,9 @@ import comfy.model_management
 import comfy.sample
 
 from ..patcher import TEACHER, add_wrapper_outside_edit
-from .cache import Job, TrajectoryCache, input_group
+from .cache import Job, TeacherData
 
 WRAPPER_KEY = "comfyui_edit_distill"
-
-
-def _rows(t: torch.Tensor, n: int) -> List[torch.Tensor]:
-    return list(t.unbind(0)) if torch.is_tensor(t) and t.ndim > 0 and t.shape[0] == n else []
 
 
 def empty_latent(patcher, width: int, height: int, batch: int = 1) -> torch.Tensor:
@@ -37,54 +34,57 @@ def sample(patcher, positive, negative, width: int, height: int, seed: int, samp
                                seed=seed, disable_pbar=True)
 
 
-def record_trajectory(student, positive, negative, job: Job, sampler: str, scheduler: str, steps: int, cfg: float,
-                      on_call: Optional[Callable[[], None]] = None):
-    """Sample one trajectory with the teacher; return (grid, samples, info, final latent)."""
-    samples: List[Dict[str, torch.Tensor]] = []
-    info: List[Dict] = []
-    grid = []
+def _row(conds: Dict, i: int, n: int) -> Dict[str, torch.Tensor]:
+    return {k: v[i].detach().clone() for k, v in conds.items()
+            if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == n}
+
+
+def teacher_sample(trainer, positive, negative, job: Job, sampler: str, scheduler: str, steps: int, cfg: float,
+                   on_call: Optional[Callable[[], None]] = None, capture=None):
+    """Sample one image with the teacher. Returns (final latent (C, h, w), call sigmas (n,),
+    call inputs (n, C, h, w), cond rows, uncond rows or None). ``capture``: an optional
+    capture sink for every call."""
+    sigmas: List[float] = []
+    states: List[torch.Tensor] = []
+    rows: Dict[int, Dict[str, torch.Tensor]] = {}
 
     def teacher_call(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
-        captured = {}
-
-        def sink(name, call_grid, tensors):
-            grid[:] = call_grid
-            captured[name] = tensors
-
-        to = dict(transformer_options, edit_mode=TEACHER, edit_capture=sink)
-        out = executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
         n = x.shape[0]
-        conds = dict(kwargs, c_crossattn=c_crossattn)
-        kinds = transformer_options.get("cond_or_uncond", [])
+        kinds = transformer_options.get("cond_or_uncond", [0])
         for i in range(n):
-            s = {"x": x[i], "t": t[i], "out": out[i]}
-            s.update({f"cond.{k}": rows[i] for k, v in conds.items() if (rows := _rows(v, n))})
-            for name, tensors in captured.items():
-                for field, v in tensors.items():
-                    key = f"ref.{name}" if field == "out" else f"in.{input_group(name)}.{field}"
-                    s[key] = v[i]
-            samples.append(s)
-            kind = kinds[i * len(kinds) // n] if kinds else None
-            info.append({"step": len(info) // max(n, 1), "sigma": float(t[i]), "uncond": kind == 1})
+            kind = kinds[i * len(kinds) // n]
+            if kind not in rows:
+                rows[kind] = _row(dict(kwargs, c_crossattn=c_crossattn), i, n)
+        sigmas.append(float(t.reshape(-1)[0]))
+        states.append(x[0].detach().to("cpu", copy=True))  # CFG's rows share the call's input
+        to = dict(transformer_options, edit_mode=TEACHER, edit_capture=capture)
+        out = executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
         if on_call:
             on_call()
         return out
 
-    m = student.clone()
+    m = trainer.clone()
     add_wrapper_outside_edit(m, WRAPPER_KEY, teacher_call)  # it sets edit_mode: EDiT's wrapper must see it
     final = sample(m, positive, negative, job.resolution[0], job.resolution[1], job.seed, sampler, scheduler,
                    steps, cfg)
-    return tuple(grid), samples, info, final
+    return final[0], torch.tensor(sigmas, dtype=torch.float64), torch.stack(states), rows[0], rows.get(1)
 
 
 @torch.no_grad()
-def generate(student, conds, negative, jobs: List[Job], cache: TrajectoryCache, config, rank: int = 0,
-             world: int = 1, on_call: Optional[Callable[[], None]] = None):
-    """Write the shards of ``jobs`` this rank owns (round-robin) that are not on disk yet."""
-    comfy.model_management.load_models_gpu([student])
+def generate(trainer, conds, negative, jobs: List[Job], data: TeacherData, config, rank: int = 0, world: int = 1,
+             on_call: Optional[Callable[[], None]] = None):
+    """Write the images of ``jobs`` this rank owns (round-robin) that are not on disk yet, one
+    shard at a time (nothing accumulates in memory)."""
+    comfy.model_management.load_models_gpu([trainer])
     for j, job in enumerate(jobs):
-        if j % world != rank or cache.has(job):
+        if j % world != rank or data.has(job, needs_negative(config)):
             continue
-        grid, samples, info, _ = record_trajectory(student, conds[job.prompt], negative, job, config.sampler,
-                                                   config.scheduler, config.sample_steps, config.cfg, on_call)
-        cache.write(job, grid, samples, info)
+        latent, sigmas, states, cond, uncond = teacher_sample(trainer, conds[job.prompt], negative, job,
+                                                              config.sampler, config.scheduler, config.sample_steps,
+                                                              config.cfg, on_call)
+        data.write(job, latent, sigmas, states, cond, uncond)
+
+
+def needs_negative(config) -> bool:
+    """ComfyUI skips the uncond rows at CFG 1 (comfy.samplers' cfg1 optimisation)."""
+    return not math.isclose(config.cfg, 1.0)

@@ -1,0 +1,75 @@
+"""The model distillation trains through (ComfyUI-aware): one EDiT-patched clone that serves
+as teacher (EDiT forced off, no grad) and student, with per-block activation checkpointing,
+and weights autograd can use.
+
+- ``trainer_model``: ``apply_edit`` plus an object patch on every block's forward that runs
+  it under ``torch.utils.checkpoint`` when gradients are being recorded, so end-to-end
+  training keeps one block's activations, not the whole depth's. It wraps whatever the clone
+  already has there (EDiT's own block patch, or the original forward).
+- ``trainable_weights``: ComfyUI loads models under ``torch.inference_mode``, and autograd may
+  not save inference tensors for backward. Each such parameter and buffer is replaced, once
+  per run and one at a time, by a normal tensor with the same values: the peak grows by one
+  parameter, and no second copy of the weights exists (tests/test_distill_memory.py).
+"""
+import contextvars
+
+import torch
+import torch.utils.checkpoint
+
+from ..bank import EDiTBank
+from ..comfy_model import diffusion_model, model_spec
+from ..patcher import apply_edit
+
+
+class CheckpointedBlock:
+    """Object patch: run a block's forward under activation checkpointing while grad is on.
+
+    The block is recomputed during backward, outside the forward's call context; it runs in
+    a copy of that context (contextvars), so the recomputation takes the same EDiT path."""
+
+    def __init__(self, forward):
+        self.forward = forward
+
+    def __call__(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return self.forward(*args, **kwargs)
+        context = contextvars.copy_context()
+
+        def run(*a, **k):
+            return context.run(self.forward, *a, **k)
+
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+
+def block_keys(patcher):
+    dm = diffusion_model(patcher)
+    if model_spec(patcher).family == "sd3":
+        return [f"diffusion_model.joint_blocks.{i}.forward" for i in range(len(dm.joint_blocks))]
+    return [f"diffusion_model.blocks.{i}.forward" for i in range(len(dm.blocks))]
+
+
+def trainer_model(model, bank: EDiTBank, checkpoint_blocks: bool = True):
+    """A clone of ``model`` with EDiT from ``bank`` and (by default) checkpointed blocks."""
+    trainer = apply_edit(model, bank)
+    if checkpoint_blocks:
+        for key in block_keys(trainer):
+            trainer.add_object_patch(key, CheckpointedBlock(trainer.get_model_object(key)))
+    return trainer
+
+
+@torch.inference_mode(False)
+def trainable_weights(module: torch.nn.Module) -> int:
+    """Replace every inference-mode parameter and buffer of ``module`` by a normal tensor with
+    the same values, one at a time. Returns how many were replaced (0 outside ComfyUI nodes)."""
+    replaced = 0
+    for sub in module.modules():
+        for table in (sub._parameters, sub._buffers):
+            for name in list(table):  # names only: the old tensor is freed as soon as it is replaced
+                t = table[name]
+                if t is not None and t.is_inference():
+                    fresh = t.clone()
+                    table[name] = torch.nn.Parameter(fresh, requires_grad=t.requires_grad) \
+                        if isinstance(t, torch.nn.Parameter) else fresh
+                    replaced += 1
+                del t
+    return replaced
