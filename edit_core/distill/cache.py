@@ -85,7 +85,7 @@ def cond_bytes(conds: Dict[str, torch.Tensor]) -> int:
 
 
 def _write(path: Path, tensors: Dict[str, torch.Tensor], meta: Dict[str, str]):
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # ranks may write the same prompt's file
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), dict(meta, format=FORMAT))
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
