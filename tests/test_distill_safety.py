@@ -18,7 +18,7 @@ from comfy_extras.nodes_model_advanced import ModelSamplingSD3
 from edit_core import tiny_models
 from edit_core.bank import EDiTError
 from edit_core.comfy_model import conditioning_dims
-from edit_core.distill.cache import TeacherData, image_jobs
+from edit_core.distill.cache import FORMAT as TEACHER_FORMAT, TeacherData, image_jobs
 from edit_core.distill.config import DistillConfig, parse_ints, parse_resolutions
 from edit_core.distill.report import layer_error_chart, report_text
 from edit_core.distill.train import DistillResult, check_work_dir, distill, teacher_fingerprint
@@ -111,6 +111,10 @@ def test_a_broken_teacher_file_is_regenerated(model, tmp_path):
     second = distill(model, *args)
     again = data.image(job)
     assert all(torch.equal(again[k], image[k]) for k in image)
+    # A well-formed file of ours with shapes its image cannot have is not used either.
+    planted = dict(image, latent=torch.zeros(16, 2, 2))
+    save_file(planted, str(path), {"format": TEACHER_FORMAT})
+    assert data.image(job) is None and not data.has(job, needs_negative=True)
     assert all(torch.equal(a, b) for a, b in zip(first.bank.tensors().values(), second.bank.tensors().values()))
 
 

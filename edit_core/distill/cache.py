@@ -85,7 +85,7 @@ def cond_bytes(conds: Dict[str, torch.Tensor]) -> int:
 
 
 def _write(path: Path, tensors: Dict[str, torch.Tensor], meta: Dict[str, str]):
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # ranks may write the same prompt's file
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), dict(meta, format=FORMAT))
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
@@ -93,20 +93,32 @@ def _write(path: Path, tensors: Dict[str, torch.Tensor], meta: Dict[str, str]):
 
 
 def _read(path: Path, load: bool = True) -> Optional[Dict[str, torch.Tensor]]:
-    """The file's tensors (load=False: only checks the header, which safetensors validates
-    against the file's size), or None when it is missing, truncated or not ours."""
+    """The file's tensors (load=False: their shapes, from the header, checked against the
+    file's size), or None when it is missing, truncated or not ours."""
     if not path.is_file() or complete(path) is not None:
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
             if (f.metadata() or {}).get("format") != FORMAT or not f.keys():
                 return None
-            return {k: f.get_tensor(k).clone() if load else None for k in f.keys()}
+            return {k: f.get_tensor(k).clone() if load else tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError):
         return None
 
 
 IMAGE_KEYS = {"latent", "sigmas", "states", "calls"}
+
+
+def _image_fits(job: Job, shapes: Dict[str, Tuple[int, ...]]) -> bool:
+    """An image shard's tensors have the shapes its job implies (a planted or foreign file
+    with the right keys does not pass)."""
+    if set(shapes) != IMAGE_KEYS:
+        return False
+    latent, states = shapes["latent"], shapes["states"]
+    w, h = job.resolution
+    return (len(latent) == 3 and latent[1:] == (h // 8, w // 8) and len(shapes["sigmas"]) == 1
+            and shapes["sigmas"][0] > 0 and len(states) == 4 and states[1:] == latent
+            and shapes["calls"] == (states[0],) and states[0] <= shapes["sigmas"][0])
 
 
 class TeacherData:
@@ -125,7 +137,9 @@ class TeacherData:
         """{latent (C, h, w), sigmas (n,), states (K, C, h, w), calls (K,)} or None when
         missing or unreadable."""
         read = _read(self.image_path(job))
-        if read is None or set(read) != IMAGE_KEYS or read["latent"].ndim != 3:
+        if read is None or not _image_fits(job, {k: tuple(v.shape) for k, v in read.items()}):
+            return None
+        if not bool(((read["calls"] >= 0) & (read["calls"] < len(read["sigmas"]))).all()):
             return None
         return read
 
@@ -137,7 +151,7 @@ class TeacherData:
         """Whether the job's image and its prompt's conditioning are on disk and read back
         (headers only); anything else is (re)generated."""
         image = _read(self.image_path(job), load=False)
-        return (image is not None and set(image) == IMAGE_KEYS
+        return (image is not None and _image_fits(job, image)
                 and _read(self.cond_path(job.prompt), load=False) is not None
                 and (not needs_negative or _read(self.cond_path(None), load=False) is not None))
 

@@ -11,6 +11,7 @@ writes a checkpoint every ``checkpoint_every`` steps and on interruption; the sa
 the same arguments resumes from it and ends with the same bank as an uninterrupted run.
 """
 import math
+import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -139,7 +140,7 @@ def check_work_dir(work_dir: Path, need_bytes: int):
     """The work folder exists, is writable and has room for ``need_bytes``: EDiTError if not."""
     try:
         work_dir.mkdir(parents=True, exist_ok=True)
-        probe = work_dir / ".write-test"
+        probe = work_dir / f".write-test-{os.getpid()}"  # every rank probes
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:
