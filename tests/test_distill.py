@@ -232,3 +232,15 @@ def test_benchmark_script_writes_its_table_and_images(tmp_path):
     table = (tmp_path / "distill.md").read_text()
     assert "| sd3 | layerwise | 4 |" in table
     assert (tmp_path / "sd3_loss.png").stat().st_size > 1000 and (tmp_path / "sd3_latents.png").stat().st_size > 1000
+
+
+def test_cli_refuses_a_run_that_does_not_fit_the_device_memory_before_any_work(tmp_path):
+    """--device-memory plans for that card (the model's own architecture, fake tensors) and
+    refuses with the plan's table before teacher data or training start."""
+    done = cli(tmp_path, "--train-steps", "4", "--device-memory", "1MiB")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "does not fit the device's memory; nothing was started" in done.stderr
+    assert not (tmp_path / "bank.safetensors").exists()
+    assert not list((tmp_path / "work").glob("teacher-*/*.safetensors"))
+    fits = cli(tmp_path, "--train-steps", "4", "--device-memory", "24GiB", output="fits.safetensors")
+    assert fits.returncode == 0, fits.stdout + fits.stderr

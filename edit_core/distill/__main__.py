@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import DistillConfig, parse_ints, parse_resolutions
+from .plan import parse_bytes
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -70,6 +71,8 @@ def build_parser():
     t.add_argument("--task-weight", type=float, default=0.0, help="weight of the task loss on --latents")
     t.add_argument("--seed", type=int, default=0, help="seed of the bank's init and of the examples")
     t.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
+    t.add_argument("--device-memory", help="plan for a device of this memory (e.g. 24GiB) and refuse a run that "
+                   "would not fit, before any work (default: a CUDA device's own memory; no check on a CPU)")
     t.add_argument("--work-dir", help="teacher data and checkpoints (default: <output>.work)")
     return p
 
@@ -117,6 +120,7 @@ def main(argv=None):
             mode=args.mode, layerwise_fraction=args.layerwise_fraction, feature_weight=args.feature_weight,
             output_weight=args.output_weight, task_weight=args.task_weight, seed=args.seed,
             checkpoint_every=args.checkpoint_every, layers_per_step=args.layers_per_step)
+        device_memory = parse_bytes(args.device_memory) if args.device_memory else None
     except ValueError as e:  # EDiTError: a bad value, said before anything loads
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -200,7 +204,8 @@ def main(argv=None):
             if "loss" in event:
                 bar.set_postfix(loss=f"{event['loss']:.4f}", mode=event["mode"])
 
-        result = distill(model, positive, negative, config, work_dir, bank=bank, latents=latents, on_progress=progress)
+        result = distill(model, positive, negative, config, work_dir, bank=bank, latents=latents, on_progress=progress,
+                         device_memory=device_memory)
         for bar in bars.values():
             bar.close()
         if rank == 0:

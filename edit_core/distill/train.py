@@ -32,6 +32,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import DistillConfig, Phase, fingerprint
 from .examples import batch, layer_subset, make_example
 from .losses import StudentLoss, layer_errors, train_example
+from .plan import check_fits
 from .student import trainable_weights, trainer_model
 from .trajectories import generate, needs_negative
 
@@ -166,21 +167,25 @@ def _sum_grads_over_ranks(params):
 
 
 def distill(model, positive: List, negative, config: DistillConfig, work_dir, bank: Optional[EDiTBank] = None,
-            latents: Optional[torch.Tensor] = None, on_progress: Optional[Callable[[Dict], None]] = None) -> DistillResult:
+            latents: Optional[torch.Tensor] = None, on_progress: Optional[Callable[[Dict], None]] = None,
+            device_memory: Optional[int] = None) -> DistillResult:
     """Distill ``bank`` (default: an untrained bank for all layers) from ``model``.
 
     positive: one ComfyUI CONDITIONING per prompt; negative: the CONDITIONING for CFG's
     uncond rows. latents: optional user latents (B, C, h, w) for the task loss.
     on_progress(event) gets {"stage": "teacher"|"train", "step", "total", "loss"?}; raising
     in it (e.g. ComfyUI's interrupt) stops the run after a checkpoint is written.
+    device_memory: bytes to plan for; by default a CUDA device's own memory, and no memory
+    check on a CPU (see edit_core.distill.plan.check_fits).
     """
     # ComfyUI runs nodes under inference_mode, whose tensors autograd and AdamW cannot use:
     # everything made here (bank, optimiser state, examples) must be normal tensors.
     with torch.inference_mode(False):
-        return _distill(model, positive, negative, config, Path(work_dir), bank, latents, on_progress or (lambda e: None))
+        return _distill(model, positive, negative, config, Path(work_dir), bank, latents, on_progress or (lambda e: None),
+                        device_memory)
 
 
-def _distill(model, positive, negative, config, work_dir, bank, latents, progress) -> DistillResult:
+def _distill(model, positive, negative, config, work_dir, bank, latents, progress, device_memory) -> DistillResult:
     rank, world = _rank_world()
     if config.batch_size % world:
         raise EDiTError(f"batch_size {config.batch_size} must be a multiple of the number of processes ({world})")
@@ -193,7 +198,12 @@ def _distill(model, positive, negative, config, work_dir, bank, latents, progres
     run_dir = work_dir / f"run-{run_fp}"
     checkpoint = run_dir / CHECKPOINT
 
-    # 0. Room on disk, before any work: the teacher images not on disk yet + checkpoints.
+    # 0. Memory, before any work: a run that will not fit the device is refused with the plan's
+    # table and the settings that would fit (measured on the model's architecture, fake).
+    if torch.device(device).type == "cuda" or device_memory is not None:
+        check_fits(model, config, start_bank.config, device, n_prompts=len(positive), device_memory=device_memory)
+
+    # Room on disk, before any work: the teacher images not on disk yet + checkpoints.
     data = TeacherData(work_dir / f"teacher-{data_fp}")
     jobs = image_jobs(config.resolutions, len(positive), config.seeds)
     channels = model.get_model_object("latent_format").latent_channels
