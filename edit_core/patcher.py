@@ -112,6 +112,16 @@ class EditState:
         finally:
             self.call = previous
 
+    @contextmanager
+    def resumed(self, call: Optional["EditCall"]):
+        """Run the patched layers under an earlier call's decision again: activation
+        checkpointing recomputes a block during backward, after its call has ended."""
+        previous, self.call = self.call, call
+        try:
+            yield
+        finally:
+            self.call = previous
+
     def unseen(self, layer: str):
         """A patched layer ran in a call this application's wrapper did not see: it runs the
         original attention; say so once per model."""
@@ -422,6 +432,12 @@ def call_model(patcher, x, t, conds: Dict, mode: str, capture: Optional[CaptureS
     patcher's wrappers and transformer_options take part as they do inside a sampler."""
     to = model_call_options(patcher, edit_mode=mode, edit_capture=capture)
     return patcher.model.apply_model(x, t, transformer_options=to, **conds)
+
+
+def edit_state_of(patcher) -> Optional[EditState]:
+    """The per-call state of the Apply EDiT on ``patcher``, or None."""
+    wrappers = patcher.get_wrappers(APPLY_MODEL, WRAPPER_KEY)
+    return wrappers[0].state if wrappers else None
 
 
 def edit_bank_of(patcher) -> Optional[EDiTBank]:

@@ -11,8 +11,8 @@ Per prompt, once (``cond_p{index}``), and once for the negative prompt (``cond_n
 
 Training examples take a stored state, or re-noise the final latent at a call's sigma, and
 run the teacher online (see examples.py, losses.py): nothing per layer is stored. An image
-takes at most IMAGE_BUDGET bytes (2 MiB): at 1024 px an SD3.5 image is its 1 MiB final
-latent plus 2 states, a PixArt image 0.25 MiB plus 14 states.
+takes at most IMAGE_BUDGET bytes (2 MiB, header included): at 1024 px an SD3.5 image is its
+1 MiB final latent plus 1 state, a PixArt image 0.25 MiB plus 13 states.
 
 Every file is written to a temporary name, flushed to disk and renamed, so a file under its
 final name is complete. A file that does not read back (truncated, foreign) is regenerated:
@@ -32,7 +32,7 @@ from .files import complete
 
 FORMAT = "comfyui-edit-teacher-data"
 SHARD_HEADER_BYTES = 1024  # safetensors header + metadata of one image shard (measured: ~500)
-IMAGE_BUDGET = 2 * 2**20   # bytes of latent data per image
+IMAGE_BUDGET = 2 * 2**20   # bytes on disk per image, header included
 
 
 @dataclass(frozen=True)
@@ -58,9 +58,10 @@ def max_calls(sample_steps: int) -> int:
 
 
 def stored_states(latent_channels: int, resolution: Tuple[int, int], calls: int) -> int:
-    """How many float16 call states of an image fit IMAGE_BUDGET beside its final latent."""
-    room = IMAGE_BUDGET - latent_bytes(latent_channels, resolution)
-    return max(0, min(calls, room // latent_bytes(latent_channels, resolution, 2)))
+    """How many float16 call states of an image fit IMAGE_BUDGET beside its final latent, the
+    call sigmas and the file's header (each state also takes its call index)."""
+    room = IMAGE_BUDGET - latent_bytes(latent_channels, resolution) - 8 * calls - SHARD_HEADER_BYTES
+    return max(0, min(calls, room // (latent_bytes(latent_channels, resolution, 2) + 8)))
 
 
 def image_bytes(latent_channels: int, resolution: Tuple[int, int], sample_steps: int) -> int:

@@ -11,32 +11,33 @@ and weights autograd can use.
   per run and one at a time, by a normal tensor with the same values: the peak grows by one
   parameter, and no second copy of the weights exists (tests/test_distill_memory.py).
 """
-import contextvars
-
 import torch
 import torch.utils.checkpoint
 
 from ..bank import EDiTBank
 from ..comfy_model import diffusion_model, model_spec
-from ..patcher import apply_edit
+from ..patcher import apply_edit, edit_state_of
 
 
 class CheckpointedBlock:
     """Object patch: run a block's forward under activation checkpointing while grad is on.
 
-    The block is recomputed during backward, outside the forward's call context; it runs in
-    a copy of that context (contextvars), so the recomputation takes the same EDiT path."""
+    The block is recomputed during backward, after its model call has ended; the recomputation
+    runs under that call's EDiT decision again (PixArt's layers read it from the application's
+    state, SD3's from the transformer_options the checkpoint keeps), so it takes the same path."""
 
-    def __init__(self, forward):
+    def __init__(self, forward, state):
         self.forward = forward
+        self.state = state
 
     def __call__(self, *args, **kwargs):
         if not torch.is_grad_enabled():
             return self.forward(*args, **kwargs)
-        context = contextvars.copy_context()
+        call = self.state.call
 
         def run(*a, **k):
-            return context.run(self.forward, *a, **k)
+            with self.state.resumed(call):
+                return self.forward(*a, **k)
 
         return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
 
@@ -53,7 +54,7 @@ def trainer_model(model, bank: EDiTBank, checkpoint_blocks: bool = True):
     trainer = apply_edit(model, bank)
     if checkpoint_blocks:
         for key in block_keys(trainer):
-            trainer.add_object_patch(key, CheckpointedBlock(trainer.get_model_object(key)))
+            trainer.add_object_patch(key, CheckpointedBlock(trainer.get_model_object(key), edit_state_of(trainer)))
     return trainer
 
 
