@@ -8,7 +8,7 @@ the storage, so an alias made outside the dispatcher keeps it counted). What it 
 the peak of *extra* memory: storages that existed before (weights, inputs, optimizer
 state) are not counted, also when an operator returns a view of them or writes into them.
 
-Not counted: allocator rounding and fragmentation, workspaces kernels allocate internally
+Not counted: meta tensors (no memory behind them), allocator rounding and fragmentation, workspaces kernels allocate internally
 (cuBLAS, cuDNN, flash attention), the CUDA context. On CUDA the caching allocator's own
 peak is reported beside it.
 """
@@ -93,7 +93,10 @@ class PeakTensorMemory(TorchDispatchMode):
         input_ids = {id(a) for a in inputs}
         input_keys = {storage_key(a) for a in inputs if a.layout == torch.strided}
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and id(t) not in input_ids and t.layout == torch.strided:
+            # Meta tensors hold no memory (fake tensors, which stand for real ones, report
+            # the device they stand for, not "meta").
+            if (isinstance(t, torch.Tensor) and id(t) not in input_ids and t.layout == torch.strided
+                    and t.device.type != "meta"):
                 self._track(t, input_keys)
         return out
 
