@@ -32,6 +32,7 @@ from typing import List, Optional, Tuple
 import aiohttp
 from tqdm import tqdm
 
+from .cli import Concatenate, comma_list
 from .workflow import Graph, WorkflowError, load_graph, use_tiny_models, with_settings
 
 
@@ -337,24 +338,6 @@ def summary(results: List[Result]) -> str:
                 label = "workflow's" if size is None else f"{size[0]}x{size[1]}"
                 lines.append(f"| {label} | {off:.2f} | {on:.2f} | {off / on:.2f}x |")
     return "\n".join(lines)
-
-
-def comma_list(item_type):
-    """argparse type of one value of a list option: an item or a comma list of them."""
-    def parse(text: str) -> list:
-        parts = [part.strip() for part in text.split(",")]
-        if not all(parts):
-            raise argparse.ArgumentTypeError(f"{text!r}: an empty item in the list")
-        return [item_type(part) for part in parts]
-    return parse
-
-
-class Concatenate(argparse.Action):
-    """A list option takes space-separated values, comma lists or both (``--seeds 0 1,2``)
-    and may be repeated."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, list(getattr(namespace, self.dest) or []) + [v for vs in values for v in vs])
 
 
 def seed(text: str) -> int:

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from .batch import make_jobs, parse_size, run_batch, summary
+from .cli import comma_list, flat
 from .host_server import PACK, ComfyServer
 from .workflow import WorkflowError, graph_family, load_graph, use_tiny_models, with_settings
 
@@ -39,18 +40,6 @@ def needed_files(graph) -> list:
         elif ct == "TripleCLIPLoader":
             out += [("text_encoders", inputs[f"clip_name{i}"]) for i in (1, 2, 3)]
     return out
-
-
-def split_list(convert):
-    """An argparse type for list options that take both ``a b c`` and ``a,b,c``: each word
-    is split at commas (use with ``nargs="+"`` and flatten with ``flat``)."""
-    def parse(text):
-        return [convert(part) for part in text.split(",") if part]
-    return parse
-
-
-def flat(values):
-    return None if values is None else [v for group in values for v in group]
 
 
 def fail(message: str):
@@ -103,10 +92,10 @@ def build_parser():
     p.add_argument("--family", choices=sorted(WORKFLOWS), default="sd35", help="which example workflow")
     p.add_argument("--workflow", help="your own API-format workflow instead of the family's example "
                                       "(with Apply EDiT in it for the on/off comparison)")
-    p.add_argument("--sizes", nargs="+", type=split_list(parse_size), default=None,
+    p.add_argument("--sizes", nargs="+", type=comma_list(parse_size), default=None,
                    help="WIDTH or WIDTHxHEIGHT, space- or comma-separated (unset: 512 1024 on the tiny models, "
                         "1024 2048 on real ones)")
-    p.add_argument("--seeds", nargs="+", type=split_list(int), default=[[0]],
+    p.add_argument("--seeds", nargs="+", type=comma_list(int), default=[[0]],
                    help="sampler seeds, space- or comma-separated")
     p.add_argument("--out", default=None, help="folder for the server, images and results (unset: a temporary one)")
     return p

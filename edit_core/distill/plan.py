@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..bank import BankConfig, EDiTBank, EDiTError
+from ..cli import comma_list
 from ..memory import PeakTensorMemory, storage_bytes
 
 GiB = 2 ** 30
@@ -413,23 +414,13 @@ def check_fits(model_patcher, config, bank_config: Optional[BankConfig], device,
     return plan
 
 
-def _list_arg(kind):
-    """argparse type for list options that accept '512 1024' and '512,1024'."""
-    def parse(text):
-        try:
-            return [kind(p) for p in text.split(",") if p.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a list of {kind.__name__} values")
-    return parse
-
-
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m edit_core.distill.plan", description=__doc__, allow_abbrev=False,
                                 formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, width=100))
     h = " (default: %(default)s)"
     p.add_argument("--model", default="sd35-medium",
                    help="sd35-medium, pixart-sigma, or a checkpoint file (only its header is read)" + h)
-    p.add_argument("--resolutions", nargs="+", type=_list_arg(int), default=[[512, 1024, 2048]],
+    p.add_argument("--resolutions", nargs="+", type=comma_list(int), default=[[512, 1024, 2048]],
                    help="square training resolutions in px, e.g. 512 1024 2048 or 512,1024" + h)
     p.add_argument("--batch-size", type=int, default=1,
                    help="examples per training step (they run one after another: memory hardly changes)" + h)
