@@ -10,9 +10,18 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 host=${EDIT_HOST_DIR:-$repo/.host}
 
+# The fidelity study's image set (edit_core/fidelity/emoji.py): one pinned npm package, fetched
+# once from the npm registry and checked against its sha512 (62 MB).
+fetch_data() {
+  export EDIT_DATA_DIR=${EDIT_DATA_DIR:-$host/data}
+  (cd "$repo" && "$EDIT_PYTHON" -c "from edit_core.fidelity import emoji; emoji.tarball_path()" 2>/dev/null) ||
+    (cd "$repo" && "$EDIT_PYTHON" -m edit_core.fidelity.emoji fetch "$EDIT_DATA_DIR")
+}
+
 if [ -n "${EDIT_COMFYUI_DIR:-}" ]; then
   export EDIT_PYTHON=${EDIT_PYTHON:-python3}
   echo "host: your ComfyUI at $EDIT_COMFYUI_DIR, python $EDIT_PYTHON"
+  fetch_data
   return 0 2>/dev/null || exit 0
 fi
 
@@ -54,4 +63,5 @@ if [ "$(cat "$host/stamp" 2>/dev/null)" != "$want" ]; then
 fi
 export EDIT_PYTHON=$host/venv/bin/python
 export EDIT_COMFYUI_DIR=$host/ComfyUI
+fetch_data
 echo "host: ComfyUI $(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$EDIT_COMFYUI_DIR/comfyui_version.py") at $EDIT_COMFYUI_DIR"

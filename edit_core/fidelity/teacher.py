@@ -1,0 +1,265 @@
+"""Small text-to-image teachers trained here on the emoji set, built from ComfyUI's own
+classes, so that EDiT students are judged against attention that was learned.
+
+- SD3 family: ComfyUI's MMDiT (``comfy.supported_models.SD3``, model_base.SD3: rectified flow)
+  with RMS q/k-norm and MMDiT-X ``attn2`` layers, as in SD3.5. Its latent is the image's RGBA
+  channels repeated four times (16 channels, the family's width; the inverse is the mean of
+  the four copies). ComfyUI's MMDiT mis-sizes its position embedding at patch size 1, so the
+  patch stays 2 and pixel-unshuffling to 16 channels would halve the token grid.
+- PixArt family: ComfyUI's PixArt-Sigma (``PixArtMS``, eps prediction). Its latent is the RGBA
+  image itself (4 channels).
+
+Both maps are fixed and exactly invertible, and with patch size 2 both give one token per
+2 x 2 pixels: 32 x 32 tokens for a 64 px image. ComfyUI counts latents in units of 8 px, so a
+64 px emoji is a "512 px" latent for ComfyUI (``comfy_resolution``).
+
+Training: the model's own ``apply_model`` (ComfyUI's noise scaling, input scaling and
+denoising for its family), loss ||(denoised - x0) / sigma||^2, i.e. the eps error for PixArt
+and the velocity error for SD3, timesteps uniform; captions dropped one time in ten for
+classifier-free guidance. Progressive resolution: 32 px first, then 64 px. The result is
+cached as one safetensors file named by the fingerprint of its settings and data.
+"""
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import comfy.latent_formats
+import comfy.model_management
+import comfy.model_patcher
+import comfy.supported_models
+from comfy.ldm.modules.diffusionmodules.mmdit import get_2d_sincos_pos_embed
+
+from ..distill.config import fingerprint
+from .captions import CaptionEncoder, Vocabulary
+from .emoji import EmojiSet, to_unit
+
+FORMAT = "comfyui-edit/emoji-teacher/1"
+POS_EMBED_MAX = 64  # SD3 token grids up to 64 x 64 (128 px)
+
+
+class EmojiLatent16(comfy.latent_formats.LatentFormat):
+    latent_channels = 16
+
+
+class EmojiLatent4(comfy.latent_formats.LatentFormat):
+    latent_channels = 4
+
+
+class EmojiSD3(comfy.supported_models.SD3):
+    latent_format = EmojiLatent16
+    sampling_settings = {"shift": 1.0}  # 1024 tokens, not SD3's 4096 at 1024 px
+
+
+class EmojiPixArt(comfy.supported_models.PixArtSigma):
+    latent_format = EmojiLatent4
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    family: str                                   # "sd3" or "pixart"
+    width: int = 128                              # hidden size; heads of 64
+    depth: int = 3
+    mmditx_layers: Tuple[int, ...] = (0, 1)       # SD3 blocks with an attn2
+    context_dim: int = 64
+    caption_tokens: int = 16
+    schedule: Tuple[Tuple[int, int], ...] = ((48, 500), (64, 80))  # (image px, steps)
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    caption_dropout: float = 0.1
+    seed: int = 0
+
+    @property
+    def heads(self) -> int:
+        return self.width // 64
+
+
+QUICK = {"sd3": TeacherConfig("sd3", width=64, depth=2, mmditx_layers=(0,), schedule=((48, 4), (64, 2)), batch_size=4),
+         "pixart": TeacherConfig("pixart", width=64, depth=2, schedule=((48, 4), (64, 2)), batch_size=4)}
+# About 15 minutes each on one thread of the 2-core development VM, run side by side (SD3's
+# joint blocks, text stream and attn2 layers make its step 2.4 times PixArt's).
+FULL = {"sd3": TeacherConfig("sd3", schedule=((48, 260), (64, 40))),
+        "pixart": TeacherConfig("pixart", schedule=((48, 300), (64, 50)))}
+
+
+def image_to_latent(family: str, x: torch.Tensor) -> torch.Tensor:
+    return x.repeat(1, 4, 1, 1) if family == "sd3" else x
+
+
+def latent_to_image(family: str, z: torch.Tensor) -> torch.Tensor:
+    return z.unflatten(1, (4, 4)).mean(1) if family == "sd3" else z
+
+
+def comfy_resolution(family: str, image_px: int) -> Tuple[int, int]:
+    """ComfyUI's (width, height), in its units of 8 px per latent pixel, for an ``image_px`` emoji."""
+    return image_px * 8, image_px * 8
+
+
+def model_config(config: TeacherConfig):
+    c, ctx = config.width, config.context_dim
+    if config.family == "sd3":
+        p = POS_EMBED_MAX
+        unet = {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": config.heads,
+                "num_blocks": config.depth, "adm_in_channels": ctx, "pos_embed_max_size": p, "num_patches": p * p,
+                "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": ctx, "out_features": c}},
+                "qk_norm": "rms", "x_block_self_attn_layers": list(config.mmditx_layers),
+                "pos_embed_scaling_factor": None}
+        return EmojiSD3(unet)
+    unet = {"image_model": "pixart_sigma", "hidden_size": c, "num_heads": config.heads, "depth": config.depth,
+            "patch_size": 2, "in_channels": 4, "micro_condition": False, "model_max_length": config.caption_tokens,
+            "caption_channels": ctx, "input_size": 64, "pe_interpolation": 1}
+    return EmojiPixArt(unet)
+
+
+@torch.no_grad()
+def init_weights_(model: nn.Module, seed: int):
+    """DiT-style start: matrices ~ N(0, 1/fan_in), biases 0, norm scales 1, and the adaLN
+    modulations and the output layer zero (every block starts as the identity)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "adaLN_modulation" in name or name.startswith("final_layer.linear") or "t_block" in name:
+            p.zero_()
+        elif p.ndim >= 2:
+            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
+        elif any(s in name for s in ("ln_q", "ln_k", "norm")) and name.endswith("weight"):
+            p.fill_(1.0)
+        else:
+            p.zero_()
+    if hasattr(model, "pos_embed") and model.pos_embed is not None:
+        model.pos_embed.copy_(torch.from_numpy(get_2d_sincos_pos_embed(model.pos_embed.shape[-1], POS_EMBED_MAX)).float()
+                              .unsqueeze(0))
+
+
+def build_base_model(config: TeacherConfig):
+    mc = model_config(config)
+    mc.set_inference_dtype(torch.float32, None)
+    return mc, mc.get_model({}, "")
+
+
+@dataclass
+class Teacher:
+    config: TeacherConfig
+    patcher: object                      # ComfyUI ModelPatcher
+    encoder: CaptionEncoder
+    vocabulary: Vocabulary
+    history: List[Dict]                  # {"step", "px", "loss"}
+    seconds: float
+    source: str
+
+    @property
+    def family(self) -> str:
+        return self.config.family
+
+    @torch.no_grad()
+    def conditioning(self, caption: str):
+        """ComfyUI CONDITIONING for ``caption`` ("" = the unconditional input)."""
+        context, pooled = self.encoder(self.vocabulary.encode([caption], self.config.caption_tokens))
+        return [[context.clone(), {"pooled_output": pooled.clone()} if self.family == "sd3" else {}]]
+
+    def resolution(self, image_px: int) -> Tuple[int, int]:
+        return comfy_resolution(self.family, image_px)
+
+    def images(self, latent: torch.Tensor) -> torch.Tensor:
+        """Sampled latents -> [-1, 1] RGBA images."""
+        return latent_to_image(self.family, latent.float())
+
+
+def teacher_fingerprint(config: TeacherConfig, source: str) -> str:
+    return fingerprint([FORMAT, asdict(config), source])
+
+
+def _batch(data: EmojiSet, x: torch.Tensor, vocabulary: Vocabulary, config: TeacherConfig, g: torch.Generator):
+    idx = torch.randint(len(data), (config.batch_size,), generator=g)
+    drop = torch.rand(config.batch_size, generator=g) < config.caption_dropout
+    captions = ["" if d else data.captions[i] for i, d in zip(idx.tolist(), drop.tolist())]
+    return x[idx], vocabulary.encode(captions, config.caption_tokens)
+
+
+def train_teacher(config: TeacherConfig, data: EmojiSet, work_dir: Path,
+                  on_step: Optional[Callable[[int, int, float], None]] = None) -> Teacher:
+    """Train (or load from ``work_dir``) the teacher for ``config`` on ``data``'s training split."""
+    path = Path(work_dir) / f"teacher-{config.family}-{teacher_fingerprint(config, data.source)}.safetensors"
+    if path.is_file():
+        return load_teacher(path)
+    train = data.split(held_out=False)
+    vocabulary = Vocabulary.build(train.captions)
+    torch.manual_seed(config.seed)
+    mc, base = build_base_model(config)
+    init_weights_(base.diffusion_model, config.seed)
+    encoder = CaptionEncoder(len(vocabulary), config.caption_tokens, config.context_dim)
+    params = list(base.diffusion_model.parameters()) + list(encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    ms = base.model_sampling
+    g = torch.Generator().manual_seed(config.seed)
+    history, step, t0 = [], 0, time.perf_counter()
+    total = sum(n for _, n in config.schedule)
+    with torch.inference_mode(False), torch.enable_grad():
+        for px, steps in config.schedule:
+            x_all = image_to_latent(config.family, to_unit(train.images, px))
+            for _ in range(steps):
+                x0, ids = _batch(train, x_all, vocabulary, config, g)
+                for group in opt.param_groups:
+                    group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup_steps)
+                sigma = ms.sigma(torch.rand(len(x0), generator=g) * (ms.num_timesteps - 1)
+                                 if hasattr(ms, "num_timesteps") else torch.rand(len(x0), generator=g) * 999)
+                noise = torch.randn(x0.shape, generator=g)
+                noisy = ms.noise_scaling(sigma, noise, x0)
+                context, pooled = encoder(ids)
+                extra = {"y": pooled} if config.family == "sd3" else {}
+                denoised = base.apply_model(noisy, sigma, c_crossattn=context, **extra)
+                loss = ((denoised - x0) / sigma.view(-1, 1, 1, 1)).square().mean()
+                if not torch.isfinite(loss):
+                    raise RuntimeError(f"teacher training diverged at step {step} (loss {loss.item()})")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                history.append({"step": step, "px": px, "loss": loss.item()})
+                step += 1
+                if on_step:
+                    on_step(step, total, history[-1]["loss"])
+    seconds = time.perf_counter() - t0
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in base.diffusion_model.state_dict().items()}
+    tensors |= {f"encoder.{k}": v.detach().contiguous() for k, v in encoder.state_dict().items()}
+    meta = {"format": FORMAT, "config": json.dumps(asdict(config)), "vocabulary": json.dumps(vocabulary.words),
+            "history": json.dumps(history), "seconds": f"{seconds:.1f}", "source": data.source}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return load_teacher(path)
+
+
+def _config_from(meta: Dict) -> TeacherConfig:
+    raw = json.loads(meta["config"])
+    raw["mmditx_layers"] = tuple(raw["mmditx_layers"])
+    raw["schedule"] = tuple(tuple(s) for s in raw["schedule"])
+    return TeacherConfig(**raw)
+
+
+def load_teacher(path: Path) -> Teacher:
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path}: not an emoji teacher (format {meta.get('format')!r}, expected {FORMAT!r})")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    config = _config_from(meta)
+    vocabulary = Vocabulary(json.loads(meta["vocabulary"]))
+    mc, base = build_base_model(config)
+    base.diffusion_model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    encoder = CaptionEncoder(len(vocabulary), config.caption_tokens, config.context_dim)
+    encoder.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")})
+    encoder.requires_grad_(False)
+    base.diffusion_model.requires_grad_(False)
+    patcher = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
+                                               offload_device=comfy.model_management.unet_offload_device())
+    return Teacher(config, patcher, encoder, vocabulary, json.loads(meta["history"]), float(meta["seconds"]),
+                   meta["source"])
