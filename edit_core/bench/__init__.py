@@ -11,6 +11,7 @@ from ..comfy_env import setup_comfy
 setup_comfy()
 
 import gc  # noqa: E402
+import json  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -38,7 +39,7 @@ def run_benchmark(levels: Sequence[str] = LEVELS, families: Sequence[str] = FAMI
                   prompts: Sequence[int] = PROMPTS, repeats: int = 5, warmup: int = 1, budget: float = 60.0,
                   depth: Optional[int] = None, device=None, dtype=None, out="results", threads: Optional[int] = None,
                   tiny: bool = False, log: Callable[[str], None] = print, compile_backends: Sequence[str] = (),
-                  eager: bool = True, deadline: Optional[float] = None):
+                  eager: bool = True, deadline: Optional[float] = None, bank_hparams: Optional[dict] = None):
     """Run the grid; write results.md, results.json and PNG plots to ``out`` (rewritten
     after every point, so an interrupted run keeps what it measured). Returns (rows, paths).
 
@@ -48,7 +49,7 @@ def run_benchmark(levels: Sequence[str] = LEVELS, families: Sequence[str] = FAMI
     ``compile_backends``: the model level runs again under ComfyUI's torch.compile wrapper
     with each backend (``eager=False``: only compiled at the model level). ``deadline`` (a
     ``time.time()`` value): points not started by then are skipped and listed in the
-    settings as such."""
+    settings as such. ``bank_hparams``: the EDiT bank's hyper-parameters (default: its defaults)."""
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     threads_before = torch.get_num_threads()
@@ -56,15 +57,15 @@ def run_benchmark(levels: Sequence[str] = LEVELS, families: Sequence[str] = FAMI
         torch.set_num_threads(threads)
     try:
         return _run(levels, families, resolutions, batches, prompts, repeats, warmup, budget, depth, device, dtype, out,
-                    tiny, log, compile_backends, eager, deadline)
+                    tiny, log, compile_backends, eager, deadline, bank_hparams or {})
     finally:
         torch.set_num_threads(threads_before)
 
 
 def _run(levels, families, resolutions, batches, prompts, repeats, warmup, budget, depth, device, dtype, out, tiny, log,
-         compile_backends, eager, deadline):
+         compile_backends, eager, deadline, bank_hparams):
     """run_benchmark's grid, its device, dtype and threads settled."""
-    settings = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+    settings = {**({"bank": json.dumps(bank_hparams, sort_keys=True)} if bank_hparams else {}),"device": str(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
                 "repeats": repeats, "warm-up": warmup, "budget s": budget, "load average at start": _load()}
     if "model" in levels:
         settings["model depth"] = depth or ("2" if device.type == "cpu" or tiny else "full")
@@ -83,7 +84,8 @@ def _run(levels, families, resolutions, batches, prompts, repeats, warmup, budge
                     skipped += [_name(pt, compiled) for pt in points]
                     continue
                 d = depth or (2 if device.type == "cpu" or tiny else REAL[family]["depth"])
-                case = Case(family, level, dtype, device, depth=d, tiny=tiny, compile_backend=compiled)
+                case = Case(family, level, dtype, device, depth=d, tiny=tiny, compile_backend=compiled,
+                            bank_hparams=bank_hparams)
                 log(f"== {level} / {case.describe()} on {device} ({settings['dtype']})")
                 for point in points:
                     if deadline is not None and time.time() >= deadline:

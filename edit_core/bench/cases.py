@@ -205,13 +205,13 @@ def compiled_clone(patcher, backend: str):
     return m
 
 
-def _bank_layers(family: str, cfg: dict, seed: int, device):
+def _bank_layers(family: str, cfg: dict, seed: int, device, hparams: dict):
     if family == "sd35":
         spec = ModelSpec("sd3", cfg["hidden"], cfg["heads"], 1, ("joint_blocks.0.attn", "joint_blocks.0.attn2"))
     else:
         spec = ModelSpec("pixart", cfg["hidden"], cfg["heads"], 1, ("blocks.0.attn",))
     # Random, not the zero-initialised untrained state: a trained bank has no zero branches.
-    bank = randomize_(init_bank(spec), seed).to(device)
+    bank = randomize_(init_bank(spec, **hparams), seed).to(device)
     return [bank.layer(name) for name in spec.layers]
 
 
@@ -241,7 +241,9 @@ class Case:
     """The modules of one (family, level), built once and reused for every point."""
 
     def __init__(self, family: str, level: str, dtype, device, depth: int = 2, seed: int = 0, tiny: bool = False,
-                 compile_backend: Optional[str] = None):
+                 compile_backend: Optional[str] = None, bank_hparams: Optional[dict] = None):
+        """``bank_hparams``: the EDiT bank's hyper-parameters (``init_bank`` keywords), e.g. a
+        student design of the fidelity study; default: the bank's defaults."""
         if family not in FAMILIES or level not in LEVELS:
             raise ValueError(f"unknown family/level {family!r}/{level!r}: choose from {FAMILIES} / {LEVELS}")
         if compile_backend and level != "model":
@@ -254,11 +256,11 @@ class Case:
         self.zero_cost = ZeroCostAttention(SDPA)
         if level == "attention":
             self.block = (sd35_block if family == "sd35" else pixart_block)(self.cfg, dtype, self.device, seed)
-            self.layers = _bank_layers(family, self.cfg, seed + 1, self.device)
+            self.layers = _bank_layers(family, self.cfg, seed + 1, self.device, bank_hparams or {})
             return
         depth = BLOCK_LEVEL_DEPTH if level == "block" else depth
         base = (sd35_patcher if family == "sd35" else pixart_patcher)(self.cfg, depth, dtype, seed)
-        self.patcher = apply_edit(base, randomize_(init_bank(model_spec(base)), seed + 1))
+        self.patcher = apply_edit(base, randomize_(init_bank(model_spec(base), **(bank_hparams or {})), seed + 1))
         if compile_backend:
             self.patcher = compiled_clone(self.patcher, compile_backend)
         # As a sampler loads it: with its additional models, the bank among them (else the bank's

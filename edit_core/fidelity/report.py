@@ -28,11 +28,11 @@ def smooth(values: Sequence[float], window: int = 20) -> List[float]:
     return out
 
 
-def loss_chart(teachers: Dict[str, object]) -> Image.Image:
+def loss_chart(histories: Dict[str, List[Dict]]) -> Image.Image:
     series = {}
-    for family, t in teachers.items():
-        steps = [h["step"] for h in t.history]
-        series[f"{family} (moving mean of 20)"] = (steps, smooth([h["loss"] for h in t.history]))
+    for family, history in histories.items():
+        steps = [h["step"] for h in history]
+        series[f"{family} (moving mean of 20)"] = (steps, smooth([h["loss"] for h in history]))
     return line_chart("Teacher training loss on the emoji set", series, "step", "loss (eps / velocity MSE)", log_y=True)
 
 
@@ -92,4 +92,62 @@ def layer_table(records: Dict) -> List[str]:
 def save(img: Image.Image, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
+    return path
+
+
+def attention_table(stats: Dict[str, Dict[str, Dict[str, float]]]) -> List[str]:
+    """stats: teacher name -> layer -> {"entropy", "local_mass"}."""
+    lines = ["| teacher | layer | row entropy (share of uniform) | mass in 3x3 neighbourhood |", "|---|---|---:|---:|"]
+    for teacher, layers in stats.items():
+        for layer, s in layers.items():
+            lines.append(f"| {teacher} | {layer} | {s['entropy']:.3f} | {s['local_mass']:.3f} |")
+    return lines
+
+
+def best_design(records: Dict) -> str:
+    return min(records["ablations"], key=lambda n: score(records["ablations"][n]))
+
+
+def write_family(out: Path, family: str, teacher, records: Dict, speed: Optional[Dict[str, float]],
+                 attention: Dict) -> Path:
+    """<family>.json (everything but images) and <family>_samples_<px>.png."""
+    from .study import write_json
+    best = best_design(records) if records["ablations"] else None
+    for px in records["teacher"]["samples"]:
+        save(sample_grid(records, px, best), out / f"{family}_samples_{px}px.png")
+    records = dict(records, speed_2048=speed, attention=attention,
+                   teacher_run={"config": teacher.config.__dict__, "seconds": teacher.seconds, "source": teacher.source,
+                                "history": teacher.history})
+    path = out / f"{family}.json"
+    write_json(records, path)
+    return path
+
+
+def write_summary(out: Path) -> Path:
+    """study.md and teacher_loss.png from every <family>.json in ``out``."""
+    import json
+    families = {f: json.loads((out / f"{f}.json").read_text()) for f in ("sd3", "pixart") if (out / f"{f}.json").is_file()}
+    save(loss_chart({f: r["teacher_run"]["history"] for f, r in families.items()}), out / "teacher_loss.png")
+    lines = ["# Fidelity study on teachers trained on real images", ""]
+    for family, r in families.items():
+        run = r["teacher_run"]
+        c = run["config"]
+        tail = run["history"][-20:]
+        lines += [f"**{family} teacher**: width {c['width']}, depth {c['depth']}"
+                  + (f", MMDiT-X attn2 in blocks {c['mmditx_layers']}" if family == "sd3" else "")
+                  + f", schedule {c['schedule']} (image px, steps) at batch {c['batch_size']}; trained in "
+                  f"{run['seconds']:.0f} s; final loss {sum(h['loss'] for h in tail) / len(tail):.4f}; data "
+                  f"{run['source'].split()[0]}.", ""]
+    lines += ["![teacher loss](teacher_loss.png)", "", "## Attention of the trained teachers and the synthetic ones", ""]
+    for family, r in families.items():
+        lines += attention_table(r["attention"]) + [""]
+    for family, r in families.items():
+        lines += [f"## {family}: student designs", ""]
+        speed = {k: float(v) for k, v in (r.get("speed_2048") or {}).items()}
+        lines += ablation_table(family, r, speed or None) + [""]
+        lines += [f"Per-layer feature error ({family}):", ""] + layer_table(r) + [""]
+        lines += [f"Best by final-image error: ({best_design(r)}). Samples: "
+                  + ", ".join(f"![{family} {px}]({family}_samples_{px}px.png)" for px in r["teacher"]["fd_teacher_real"]), ""]
+    path = out / "study.md"
+    path.write_text("\n".join(lines) + "\n")
     return path

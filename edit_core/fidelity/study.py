@@ -15,7 +15,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from statistics import mean
+from statistics import mean, median
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -133,6 +133,32 @@ def run_family(teacher: Teacher, data: EmojiSet, classifier, frechet, settings: 
     records["teacher"]["samples"] = {px: x[:8] for px, x in teacher_samples.images.items()}
     records["teacher"]["real"] = {px: x[:8] for px, x in real.items()}
     return records
+
+
+def block_speedups(family: str, designs: Dict[str, Dict], px: int = 2048, prompt: int = 154, repeats: int = 2,
+                   log=print) -> Dict[str, float]:
+    """Original block time / EDiT block time for each design's bank, at the family's real width
+    (SD3.5-Medium's MMDiT-X block, PixArt-Sigma's block; random weights), measured with
+    edit_core.bench's block level. The original block is timed once, every design's EDiT
+    block in the same process right after."""
+    from ..bench import Case, Point, default_device, measure
+    name = "sd35" if family == "sd3" else "pixart"
+    device = default_device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    point = Point(name, "block", px, 1, prompt)
+    baseline, out = None, {}
+    for design, hparams in designs.items():
+        case = Case(name, "block", dtype, device, bank_hparams=hparams)
+        variants, _ = case.variants(point)
+        wanted = {"edit": variants["edit"]} if baseline else {"baseline": variants["baseline"], "edit": variants["edit"]}
+        meas = measure(wanted, device, repeats=repeats, warmup=1, budget=120.0)
+        if baseline is None:
+            baseline = median(meas["baseline"].times)
+        out[design] = baseline / median(meas["edit"].times)
+        log(f"{family} ({design}) block at {px} px: EDiT/original speed {out[design]:.2f}x")
+        case.close()
+        del case, variants
+    return out
 
 
 def write_json(records: Dict, path: Path):

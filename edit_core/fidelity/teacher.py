@@ -6,18 +6,23 @@ classes, so that EDiT students are judged against attention that was learned.
   channels repeated four times (16 channels, the family's width; the inverse is the mean of
   the four copies). ComfyUI's MMDiT mis-sizes its position embedding at patch size 1, so the
   patch stays 2 and pixel-unshuffling to 16 channels would halve the token grid.
-- PixArt family: ComfyUI's PixArt-Sigma (``PixArtMS``, eps prediction). Its latent is the RGBA
-  image itself (4 channels).
+- PixArt family: ComfyUI's PixArt-Sigma (``PixArtMS``) on PixArt's discrete noise schedule,
+  trained for v-prediction (ComfyUI's ``ModelType.V_PREDICTION``) rather than PixArt's eps:
+  with a few thousand steps an eps model's error, multiplied by sigma up to 157, swamps its
+  samples. Its latent is the RGBA image itself (4 channels).
 
 Both maps are fixed and exactly invertible, and with patch size 2 both give one token per
 2 x 2 pixels: 32 x 32 tokens for a 64 px image. ComfyUI counts latents in units of 8 px, so a
 64 px emoji is a "512 px" latent for ComfyUI (``comfy_resolution``).
 
 Training: the model's own ``apply_model`` (ComfyUI's noise scaling, input scaling and
-denoising for its family), loss ||(denoised - x0) / sigma||^2, i.e. the eps error for PixArt
-and the velocity error for SD3, timesteps uniform; captions dropped one time in ten for
-classifier-free guidance. Progressive resolution: 32 px first, then 64 px. The result is
-cached as one safetensors file named by the fingerprint of its settings and data.
+denoising for its family); the loss is the error of the model's own target, written through
+the denoised image: velocity for SD3 (||denoised - x0||^2 / sigma^2, timesteps logit-normal
+as in SD3), v for PixArt (x (1 + sigma^2) / sigma^2, timesteps uniform). Captions are dropped
+one time in ten for classifier-free guidance. Progressive resolution: 40 px first (PixArt's
+position embedding in ComfyUI divides by zero below 34 px), then 64 px. The teacher is the
+exponential moving average of the weights. The result is cached as one safetensors file
+named by the fingerprint of its settings and data.
 """
 import json
 import math
@@ -32,6 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import comfy.latent_formats
+import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
 import comfy.supported_models
@@ -41,7 +47,7 @@ from ..distill.config import fingerprint
 from .captions import CaptionEncoder, Vocabulary
 from .emoji import EmojiSet, to_unit
 
-FORMAT = "comfyui-edit/emoji-teacher/1"
+FORMAT = "comfyui-edit/emoji-teacher/2"
 POS_EMBED_MAX = 64  # SD3 token grids up to 64 x 64 (128 px)
 
 
@@ -61,6 +67,9 @@ class EmojiSD3(comfy.supported_models.SD3):
 class EmojiPixArt(comfy.supported_models.PixArtSigma):
     latent_format = EmojiLatent4
 
+    def get_model(self, state_dict, prefix="", device=None):
+        return comfy.model_base.PixArt(self, model_type=comfy.model_base.ModelType.V_PREDICTION, device=device).eval()
+
 
 @dataclass(frozen=True)
 class TeacherConfig:
@@ -70,10 +79,11 @@ class TeacherConfig:
     mmditx_layers: Tuple[int, ...] = (0, 1)       # SD3 blocks with an attn2
     context_dim: int = 64
     caption_tokens: int = 16
-    schedule: Tuple[Tuple[int, int], ...] = ((48, 500), (64, 80))  # (image px, steps)
-    batch_size: int = 16
-    lr: float = 1e-3
-    warmup_steps: int = 50
+    schedule: Tuple[Tuple[int, int], ...] = ((40, 1600), (64, 180))  # (image px, steps)
+    batch_size: int = 8
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    ema: float = 0.995
     caption_dropout: float = 0.1
     seed: int = 0
 
@@ -82,12 +92,11 @@ class TeacherConfig:
         return self.width // 64
 
 
-QUICK = {"sd3": TeacherConfig("sd3", width=64, depth=2, mmditx_layers=(0,), schedule=((48, 4), (64, 2)), batch_size=4),
-         "pixart": TeacherConfig("pixart", width=64, depth=2, schedule=((48, 4), (64, 2)), batch_size=4)}
-# About 15 minutes each on one thread of the 2-core development VM, run side by side (SD3's
-# joint blocks, text stream and attn2 layers make its step 2.4 times PixArt's).
-FULL = {"sd3": TeacherConfig("sd3", schedule=((48, 260), (64, 40))),
-        "pixart": TeacherConfig("pixart", schedule=((48, 300), (64, 50)))}
+QUICK = {"sd3": TeacherConfig("sd3", width=64, depth=2, mmditx_layers=(0,), schedule=((40, 4), (64, 2)), batch_size=4),
+         "pixart": TeacherConfig("pixart", width=64, depth=2, schedule=((40, 4), (64, 2)), batch_size=4)}
+# About 22 minutes each on one thread of the 2-core development VM, run side by side (SD3's
+# joint blocks, text stream and attn2 layers make its step about 1.4 times PixArt's).
+FULL = {"sd3": TeacherConfig("sd3", schedule=((40, 1200), (64, 180))), "pixart": TeacherConfig("pixart")}
 
 
 def image_to_latent(family: str, x: torch.Tensor) -> torch.Tensor:
@@ -172,6 +181,18 @@ class Teacher:
         return latent_to_image(self.family, latent.float())
 
 
+def training_sigmas(family: str, ms, n: int, g: torch.Generator) -> torch.Tensor:
+    """SD3: logit-normal t (SD3's own choice); PixArt: uniform over its discrete timesteps."""
+    if family == "sd3":
+        return ms.sigma(torch.sigmoid(torch.randn(n, generator=g)) * 1000)
+    return ms.sigma(torch.rand(n, generator=g) * (len(ms.sigmas) - 1))
+
+
+def target_weight(family: str, sigma: torch.Tensor) -> torch.Tensor:
+    """||target error||^2 / ||x0 error||^2: velocity (SD3), v with sigma_data 1 (PixArt)."""
+    return (1 + sigma ** 2) / sigma ** 2 if family == "pixart" else 1 / sigma ** 2
+
+
 def teacher_fingerprint(config: TeacherConfig, source: str) -> str:
     return fingerprint([FORMAT, asdict(config), source])
 
@@ -197,6 +218,7 @@ def train_teacher(config: TeacherConfig, data: EmojiSet, work_dir: Path,
     encoder = CaptionEncoder(len(vocabulary), config.caption_tokens, config.context_dim)
     params = list(base.diffusion_model.parameters()) + list(encoder.parameters())
     opt = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    ema = [p.detach().clone() for p in params]
     ms = base.model_sampling
     g = torch.Generator().manual_seed(config.seed)
     history, step, t0 = [], 0, time.perf_counter()
@@ -208,25 +230,31 @@ def train_teacher(config: TeacherConfig, data: EmojiSet, work_dir: Path,
                 x0, ids = _batch(train, x_all, vocabulary, config, g)
                 for group in opt.param_groups:
                     group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup_steps)
-                sigma = ms.sigma(torch.rand(len(x0), generator=g) * (ms.num_timesteps - 1)
-                                 if hasattr(ms, "num_timesteps") else torch.rand(len(x0), generator=g) * 999)
+                sigma = training_sigmas(config.family, ms, len(x0), g)
                 noise = torch.randn(x0.shape, generator=g)
                 noisy = ms.noise_scaling(sigma, noise, x0)
                 context, pooled = encoder(ids)
                 extra = {"y": pooled} if config.family == "sd3" else {}
                 denoised = base.apply_model(noisy, sigma, c_crossattn=context, **extra)
-                loss = ((denoised - x0) / sigma.view(-1, 1, 1, 1)).square().mean()
+                loss = ((denoised - x0).square().mean((1, 2, 3)) * target_weight(config.family, sigma)).mean()
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"teacher training diverged at step {step} (loss {loss.item()})")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
+                with torch.no_grad():
+                    decay = min(config.ema, (1 + step) / (10 + step))
+                    for e, p in zip(ema, params):
+                        e.lerp_(p, 1 - decay)
                 history.append({"step": step, "px": px, "loss": loss.item()})
                 step += 1
                 if on_step:
                     on_step(step, total, history[-1]["loss"])
     seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            p.copy_(e)
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in base.diffusion_model.state_dict().items()}
     tensors |= {f"encoder.{k}": v.detach().contiguous() for k, v in encoder.state_dict().items()}
     meta = {"format": FORMAT, "config": json.dumps(asdict(config)), "vocabulary": json.dumps(vocabulary.words),
