@@ -1,5 +1,6 @@
 """The fidelity study's measures: the emoji classifier and its Fréchet distance, and the
 attention statistics of a teacher's own softmax attention."""
+import dataclasses
 import json
 import math
 
@@ -145,3 +146,12 @@ def test_synthetic_teachers_statistics_per_layer():
             assert 0 < v["entropy"] < 1 and 9 / grid < v["local_mass"] < 1, (family, name, v)
         # Local by construction: far more than uniform attention's mass in the 3x3 neighbourhood.
         assert max(v["local_mass"] for v in layers.values()) > 20 * 9 / grid, (family, layers)
+
+
+def test_classifier_training_is_seeded(emoji_set):
+    short = dataclasses.replace(features.QUICK, epochs=1)
+    a, b = features.train(emoji_set, short), features.train(emoji_set, short)
+    x = emoji.to_unit(emoji_set.images[:32], 32)
+    assert torch.equal(a.features(x), b.features(x)) and a.history == b.history
+    other = features.train(emoji_set, dataclasses.replace(short, seed=1))
+    assert not torch.equal(other.features(x), a.features(x))
