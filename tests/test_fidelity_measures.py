@@ -89,6 +89,11 @@ def test_quick_classifier_beats_chance_on_held_out_emoji_and_is_cached_by_finger
     # Other settings or another data source: another fingerprint, not this file.
     assert features.load(tmp_path, features.DEFAULT, emoji_set.source) is None
     assert features.load(tmp_path, features.QUICK, emoji_set.source + " other") is None
+    record = json.loads(meta.read_text())
+    meta.write_text(json.dumps(dict(record, fingerprint="0" * 16)))
+    with pytest.raises(EDiTError, match="fingerprint '0000"):
+        features.load(tmp_path, features.QUICK, emoji_set.source)
+    meta.write_text(json.dumps(record))
     weights.write_bytes(weights.read_bytes()[:-10])
     with pytest.raises(EDiTError, match="truncated"):
         features.load(tmp_path, features.QUICK, emoji_set.source)

@@ -3,10 +3,10 @@ images, and the Fréchet distance between two sets' features (Gaussian fit, floa
 
 The classifier reads [-1, 1] premultiplied RGBA (``emoji.to_unit``) at any size: 3 x 3 convs
 with GroupNorm (batch-independent), two stride-2 steps and a global average pool, so 32 px and
-64 px images go through the same weights; it trains on both sizes (each batch at one of them)
-with small shifts and horizontal flips (one batch in four at 64 px: it costs 4x). Its target is the emoji's category (10 classes): the
-finest label every held-out emoji shares with enough training images (a subcategory has 17
-training images on average, and a held-out emoji's subcategory may have none). Its
+64 px images go through the same weights; it trains on both sizes (each batch at one of them,
+one in four at 64 px: it costs 4x) with small shifts and horizontal flips. Its target is the
+emoji's category (10 classes), not the finer subcategory: 99 subcategories average 17 training
+images each and some have one or two, too few for a held-out accuracy that means much. Its
 penultimate layer (the pooled features, before the linear classifier) is the feature space.
 
 Training is seeded and runs on one CPU thread (deterministic on a given machine); the result
@@ -91,7 +91,8 @@ class Classifier:
     fingerprint: str
     held_out_accuracy: Dict[str, float]      # by size, e.g. {"32": 0.81, "64": 0.78}
     chance: float                            # held-out share of the most common category
-    train_seconds: float
+    train_seconds: float                     # wall clock (a loaded machine stretches it)
+    train_cpu_seconds: float                 # this process's CPU time while training
     history: List[float] = field(default_factory=list)  # mean training loss per epoch
 
     @torch.no_grad()
@@ -113,7 +114,8 @@ class Classifier:
         return {"format": FORMAT, "fingerprint": self.fingerprint, "source": self.source,
                 "settings": asdict(self.settings), "classes": self.classes,
                 "held_out_accuracy": self.held_out_accuracy, "chance": self.chance,
-                "train_seconds": self.train_seconds, "history": self.history}
+                "train_seconds": self.train_seconds, "train_cpu_seconds": self.train_cpu_seconds,
+                "history": self.history}
 
 
 def _check_images(images: torch.Tensor):
@@ -169,7 +171,7 @@ def train(data: emoji.EmojiSet, settings: ClassifierSettings = DEFAULT, progress
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=total, desc="emoji classifier", unit="step", file=sys.stderr)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     with _one_thread():
         model.train()
         step = 0
@@ -191,11 +193,11 @@ def train(data: emoji.EmojiSet, settings: ClassifierSettings = DEFAULT, progress
                 if bar is not None:
                     bar.update()
             history.append(sum(losses) / len(losses))
-        seconds = time.perf_counter() - t0
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     if bar is not None:
         bar.close()
     fingerprint = settings.fingerprint(data.source)
-    result = Classifier(model, classes, settings, data.source, fingerprint, {}, 0.0, seconds, history)
+    result = Classifier(model, classes, settings, data.source, fingerprint, {}, 0.0, seconds, cpu_seconds, history)
     y_held = labels_of(held, classes)
     with _one_thread():
         for s in (32, 64):
@@ -231,27 +233,27 @@ def load(folder: Path, settings: ClassifierSettings, source: str) -> Optional[Cl
     if not (weights.is_file() and meta_path.is_file()):
         return None
     problem = complete(weights)
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as e:
-        problem = problem or f"{meta_path.name} does not read as JSON ({e})"
-    if problem is None and (meta.get("format") != FORMAT or meta.get("fingerprint") != fingerprint):
-        problem = f"{meta_path.name} is for format {meta.get('format')!r}, fingerprint {meta.get('fingerprint')!r}"
+    result = None
     if problem is None:
         try:
+            meta = json.loads(meta_path.read_text())
+            if meta["format"] != FORMAT or meta["fingerprint"] != fingerprint:
+                raise ValueError(f"it is for format {meta['format']!r}, fingerprint {meta['fingerprint']!r}")
             with safe_open(str(weights), framework="pt") as f:
                 if (f.metadata() or {}).get("fingerprint") != fingerprint:
-                    problem = "its weights carry another fingerprint"
+                    raise ValueError("its weights carry another fingerprint")
                 state = {k: f.get_tensor(k) for k in f.keys()}
             model = EmojiClassifier(settings.widths, len(meta["classes"]))
             model.load_state_dict(state)
-        except (SafetensorError, OSError, RuntimeError, KeyError, TypeError) as e:
-            problem = problem or f"its weights do not fit the classifier ({type(e).__name__}: {e})"
+            result = Classifier(model, list(meta["classes"]), settings, source, fingerprint,
+                                dict(meta["held_out_accuracy"]), float(meta["chance"]), float(meta["train_seconds"]),
+                                float(meta["train_cpu_seconds"]), list(meta["history"]))
+        except (SafetensorError, OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
+            problem = f"it does not read back ({type(e).__name__}: {e})"
     if problem is not None:
         raise EDiTError(f"cached classifier {weights} (and {meta_path.name}): {problem}; delete both files "
                         "and run again to retrain")
-    return Classifier(model, list(meta["classes"]), settings, source, fingerprint, dict(meta["held_out_accuracy"]),
-                      float(meta["chance"]), float(meta["train_seconds"]), list(meta["history"]))
+    return result
 
 
 def load_or_train(folder: Path, settings: ClassifierSettings = DEFAULT, data: Optional[emoji.EmojiSet] = None,
@@ -308,8 +310,9 @@ def main(argv=None):
     c = load_or_train(Path(args.cache), QUICK if args.quick else DEFAULT, progress=True)
     acc = ", ".join(f"{s} px {100 * a:.1f}%" for s, a in c.held_out_accuracy.items())
     print(f"classifier {c.fingerprint}: held-out accuracy {acc} (chance {100 * c.chance:.1f}%), "
-          f"trained in {c.train_seconds:.1f} s on one thread, {len(c.classes)} categories, "
-          f"{c.settings.widths[-1]} features; {cache_paths(Path(args.cache), c.fingerprint)[0]}")
+          f"trained in {c.train_seconds:.1f} s ({c.train_cpu_seconds:.1f} s CPU) on one thread, "
+          f"{len(c.classes)} categories, {c.settings.widths[-1]} features; "
+          f"{cache_paths(Path(args.cache), c.fingerprint)[0]}")
     return 0
 
 
