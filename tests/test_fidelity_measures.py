@@ -79,6 +79,8 @@ def test_quick_classifier_beats_chance_on_held_out_emoji_and_is_cached_by_finger
         assert f.shape == (40, features.QUICK.widths[-1]) and f.dtype == torch.float64 and f.isfinite().all()
     with pytest.raises(EDiTError, match="emoji.to_unit"):
         c.features(held.images[:4, :3].float())
+    with pytest.raises(EDiTError, match="uint8"):
+        c.features(held.images[:4])
 
     features.save(c, tmp_path)
     weights, meta = features.cache_paths(tmp_path, c.fingerprint)
@@ -116,6 +118,10 @@ def test_attention_rows_of_peaked_and_uniform_attention():
     x = 40 * torch.eye(n, 48)[None, None].repeat(2, 3, 1, 1)
     summary = stats.attention_summary(x, x, grid)
     assert summary["entropy"] < 1e-3 and summary["local_mass"] > 0.999
+    # Chunked over (batch, head) rows: the same rows however small the chunks.
+    y = torch.randn(2, 3, n, 16)
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-13) for a, b in zip(stats.attention_rows(y, y.flip(-1), grid),
+                                                  stats.attention_rows(y, y.flip(-1), grid, max_elements=1)))
     # All-equal logits: entropy 1, mass = |neighbourhood| / N (9 inside, 6 on an edge, 4 in a corner).
     entropy, local = stats.attention_rows(*logits_as_qk(torch.full((n, n), 3.7)), grid)
     assert (entropy - 1).abs().max() < 1e-12

@@ -35,7 +35,7 @@ def neighbourhood_mask(grid: Tuple[int, int]) -> torch.Tensor:
     return ((rows[:, None] - rows[None]).abs() <= 1) & ((cols[:, None] - cols[None]).abs() <= 1)
 
 
-def attention_rows(q: torch.Tensor, k: torch.Tensor, grid: Tuple[int, int], chunk: int = 8):
+def attention_rows(q: torch.Tensor, k: torch.Tensor, grid: Tuple[int, int], max_elements: int = 2**24):
     """Per-row statistics of softmax(q k^T / sqrt(d)) over image tokens, in float64.
 
     q, k: (..., N, d) with N = grid[0] * grid[1] tokens in row-major order (leading dims:
@@ -52,8 +52,9 @@ def attention_rows(q: torch.Tensor, k: torch.Tensor, grid: Tuple[int, int], chun
     q2, k2 = q.reshape(-1, n, q.shape[-1]).double(), k.reshape(-1, n, k.shape[-1]).double()
     mask = neighbourhood_mask(grid).double()
     scale = 1 / math.sqrt(q.shape[-1])
+    chunk = max(1, max_elements // (n * n))  # bounded memory: about max_elements float64 logits at a time
     entropy, local = [], []
-    for i in range(0, q2.shape[0], chunk):  # bounded memory: chunk x N x N float64 at a time
+    for i in range(0, q2.shape[0], chunk):
         logp = torch.log_softmax((q2[i:i + chunk] @ k2[i:i + chunk].transpose(-1, -2)) * scale, dim=-1)
         p = logp.exp()
         entropy.append(-(p * logp).sum(-1) / math.log(n))

@@ -99,7 +99,6 @@ class Classifier:
     def features(self, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
         """(N, 4, S, S) [-1, 1] premultiplied RGBA, any S >= 8 -> (N, D) float64 features."""
         _check_images(images)
-        self.model.eval()
         return torch.cat([self.model.features(images[i:i + batch].float()).double()
                           for i in range(0, len(images), batch)])
 
@@ -107,7 +106,6 @@ class Classifier:
     def predict(self, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
         """(N,) class indices into ``classes``."""
         _check_images(images)
-        self.model.eval()
         return torch.cat([self.model(images[i:i + batch].float()).argmax(-1) for i in range(0, len(images), batch)])
 
     def metadata(self) -> dict:
@@ -119,8 +117,9 @@ class Classifier:
 
 
 def _check_images(images: torch.Tensor):
-    if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 4 or min(images.shape[-2:]) < 8:
-        found = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+    if (not torch.is_tensor(images) or not images.is_floating_point() or images.ndim != 4 or images.shape[1] != 4
+            or min(images.shape[-2:]) < 8):
+        found = f"{images.dtype} {tuple(images.shape)}" if torch.is_tensor(images) else type(images).__name__
         raise EDiTError(f"classifier input: expected (N, 4, H, W) [-1, 1] RGBA with H, W >= 8 (emoji.to_unit), "
                         f"found {found}; convert images with emoji.to_unit first")
 
