@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
+from edit_core import tiny_models
 from edit_core.bank import EDiTError
+from edit_core.comfy_model import conditioning_dims
 from edit_core.fidelity import attention_stats as stats
 from edit_core.fidelity import emoji, features
 
@@ -157,6 +159,13 @@ def test_synthetic_teachers_statistics_per_layer():
             assert 0 < v["entropy"] < 1 and 9 / grid < v["local_mass"] < 1, (family, name, v)
         # Local by construction: far more than uniform attention's mass in the 3x3 neighbourhood.
         assert max(v["local_mass"] for v in layers.values()) > 20 * 9 / grid, (family, layers)
+    # A 20 x 12 token grid (row-major, width first in the resolution): read the wrong way round,
+    # the neighbourhoods would miss and the mass would drop.
+    model = tiny_models.sd3_patcher(seed=1, attention_gain=4.0, local_attention=True)
+    cond = lambda text: tiny_models.random_conditioning(text, 0, 24, *conditioning_dims(model))  # noqa: E731
+    wide = stats.attention_stats(model, cond("attention probe"), cond(""), (320, 192), steps=2)
+    for name, v in wide.items():
+        assert abs(v["local_mass"] - measured["sd3"][name]["local_mass"]) < 0.03, (name, v, measured["sd3"][name])
 
 
 def test_classifier_training_is_seeded(emoji_set):
