@@ -159,8 +159,9 @@ def train(data: emoji.EmojiSet, settings: ClassifierSettings = DEFAULT, progress
     y = labels_of(train_set, classes)
     inputs = {s: emoji.to_unit(train_set.images, s) for s in settings.sizes}
     g = torch.Generator().manual_seed(settings.seed)
-    torch.manual_seed(settings.seed)  # weight init
-    model = EmojiClassifier(settings.widths, len(classes))
+    with torch.random.fork_rng(devices=[]):  # seeded weight init, the caller's global RNG untouched
+        torch.manual_seed(settings.seed)
+        model = EmojiClassifier(settings.widths, len(classes))
     steps_per_epoch = math.ceil(len(y) / settings.batch_size)
     total = settings.epochs * steps_per_epoch
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
@@ -172,7 +173,6 @@ def train(data: emoji.EmojiSet, settings: ClassifierSettings = DEFAULT, progress
         bar = tqdm(total=total, desc="emoji classifier", unit="step", file=sys.stderr)
     t0, cpu0 = time.perf_counter(), time.process_time()
     with _one_thread():
-        model.train()
         step = 0
         for _ in range(settings.epochs):
             order = torch.randperm(len(y), generator=g)
