@@ -73,10 +73,11 @@ def test_quick_classifier_beats_chance_on_held_out_emoji_and_is_cached_by_finger
     assert c.train_seconds < 20
     assert c.chance < 0.25 and len(c.classes) == 10
     assert c.held_out_accuracy["32"] > c.chance + 0.15, c.held_out_accuracy
-    assert c.held_out_accuracy["64"] > c.chance + 0.10, c.held_out_accuracy
+    assert c.held_out_accuracy["48"] > c.chance + 0.10 and c.held_out_accuracy["64"] > c.chance + 0.10, \
+        c.held_out_accuracy
 
     held = emoji_set.split(True)
-    for size in (32, 64):
+    for size in (32, 48, 64):
         f = c.features(emoji.to_unit(held.images[:40], size))
         assert f.shape == (40, features.QUICK.widths[-1]) and f.dtype == torch.float64 and f.isfinite().all()
     with pytest.raises(EDiTError, match="emoji.to_unit"):
@@ -87,7 +88,7 @@ def test_quick_classifier_beats_chance_on_held_out_emoji_and_is_cached_by_finger
     features.save(c, tmp_path)
     weights, meta = features.cache_paths(tmp_path, c.fingerprint)
     assert json.loads(meta.read_text())["held_out_accuracy"] == c.held_out_accuracy
-    back = features.load_or_train(tmp_path, features.QUICK, emoji_set)  # from the cache: no training
+    back = features.train_classifier(emoji_set, tmp_path, quick=True)  # from the cache: no training
     x = emoji.to_unit(held.images[:16], 32)
     assert torch.equal(back.features(x), c.features(x)) and back.train_seconds == c.train_seconds
     # Other settings or another data source: another fingerprint, not this file.
