@@ -92,3 +92,32 @@ def test_quick_teacher_trains_caches_and_samples(family, data, tmp_path):
     image = teacher.images(latent)
     assert image.shape == (1, 4, 64, 64) and bool(torch.isfinite(image).all())
     assert load_teacher(files[0]).vocabulary.words == teacher.vocabulary.words
+
+
+def test_quick_study_writes_tables_and_pictures(tmp_path):
+    """The whole study command in its quick setting: teachers, classifier, attention statistics,
+    two student designs per family, block speed, and the report a researcher reads."""
+    import json
+    import subprocess
+    import sys
+    from PIL import Image
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "edit_core.fidelity", "study", "--quick", "--threads", "1",
+                          "--ablations", "a,b", "--work", str(tmp_path / "work"), "--out", str(out), "--speed-px", "384"],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    text = (out / "study.md").read_text()
+    for family in ("sd3", "pixart"):
+        assert f"## {family}: student designs" in text
+        assert f"| trained {family} |" in text and f"| synthetic {family} |" in text
+        record = json.loads((out / f"{family}.json").read_text())
+        assert set(record["ablations"]) == {"a", "b"}
+        assert record["ablations"]["b"]["hparams"] == {"local_kernel": 0}
+        assert record["speed_px"] == 384 and set(record["speed"]) == {"a", "b"}
+        for px in ("40", "64"):
+            assert record["teacher"]["fd_teacher_real"][px] > 0
+            grid = Image.open(out / f"{family}_samples_{px}px.png").convert("L")
+            lo, hi = grid.getextrema()
+            assert hi - lo > 100  # real emoji beside the samples: not a blank picture
+    assert "| (a) today's default |" in text and "| (b) no local branch |" in text
+    assert Image.open(out / "teacher_loss.png").size[0] > 300

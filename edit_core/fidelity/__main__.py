@@ -23,6 +23,8 @@ def main(argv=None):
                    "(default: results/fidelity/work)")
     p.add_argument("--out", default="results/fidelity", help="report folder (default: results/fidelity)")
     p.add_argument("--quick", action="store_true", help="the tests' small setting (seconds, not minutes)")
+    p.add_argument("--speed-px", type=int, default=2048, help="also time each design's EDiT block at the family's "
+                   "real width at this size (edit_core.bench's block level); 0 = skip (default: 2048)")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default (default: 0)")
     p.add_argument("--comfyui", help="ComfyUI folder (default: $EDIT_COMFYUI_DIR or the test host)")
     args = p.parse_args(argv)
@@ -53,17 +55,30 @@ def main(argv=None):
               f"{sum(x['loss'] for x in h) / len(h):.4f}", flush=True)
     if args.command == "teachers":
         return 0
-    from .study import QUICK as QUICK_STUDY, StudySettings, run_family
-    from .run_report import write_report
+    from .attention_stats import attention_stats, synthetic_teachers
     from .features import frechet_distance, train_classifier
+    from .report import write_family, write_summary
+    from .study import ABLATIONS, QUICK as QUICK_STUDY, StudySettings, block_speedups, run_family
     settings = QUICK_STUDY if args.quick else StudySettings()
     classifier = train_classifier(data, work, quick=args.quick)
-    results = {}
+    out.mkdir(parents=True, exist_ok=True)
+    top = settings.image_px[-1]
+    synthetic = synthetic_teachers(teachers[families[0]].resolution(top), steps=2 if args.quick else 4)
     for family, teacher in teachers.items():
         t0 = time.perf_counter()
-        results[family] = run_family(teacher, data, classifier, frechet_distance, settings, ablations, work)
-        print(f"{family}: study done in {time.perf_counter() - t0:.0f} s", flush=True)
-    print(f"wrote {write_report(teachers, results, classifier, settings, out)}")
+        negative = teacher.conditioning("")
+        attention = {f"trained {family}": attention_stats(teacher.patcher, teacher.conditioning(data.captions[0]),
+                                                          negative, teacher.resolution(top), steps=2 if args.quick else 4,
+                                                          cfg=settings.cfg),
+                     f"synthetic {family}": synthetic[family]}
+        records = run_family(teacher, data, classifier, frechet_distance, settings, ablations, work)
+        speed = None
+        if args.speed_px:
+            designs = {n: ABLATIONS[n][1] for n in records["ablations"]}
+            speed = block_speedups(family, designs, px=args.speed_px, repeats=1 if args.quick else 2)
+        print(f"{family}: study done in {time.perf_counter() - t0:.0f} s; wrote "
+              f"{write_family(out, family, teacher, records, speed, attention, args.speed_px)}", flush=True)
+    print(f"wrote {write_summary(out)}")
     return 0
 
 

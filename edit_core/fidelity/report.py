@@ -54,19 +54,19 @@ def score(record: Dict) -> float:
     return mean(record["image_error"].values())
 
 
-def ablation_table(family: str, records: Dict, speed: Optional[Dict[str, float]] = None) -> List[str]:
+def ablation_table(family: str, records: Dict, speed: Optional[Dict[str, float]] = None, speed_px: int = 2048) -> List[str]:
     pxs = sorted(records["teacher"]["fd_teacher_real"], key=int)
     head = (["design"] + [f"image error {px} px" for px in pxs] + [f"FD to teacher {px} px" for px in pxs]
             + [f"FD to real {pxs[-1]} px", "layer error", "bank params", "distil s"]
-            + (["EDiT/orig 2048 px"] if speed else []))
+            + ([f"EDiT/orig block {speed_px} px"] if speed else []))
     lines = [f"| {' | '.join(head)} |", "|" + "---|" + "---:|" * (len(head) - 1)]
     untrained = records["untrained"]["image_error"]
     lines.append("| untrained (a) | " + " | ".join(f"{untrained[px]:.4f}" for px in pxs) + " | " +
                  " | ".join("" for _ in range(len(head) - 1 - len(pxs))) + " |")
     for name, r in records["ablations"].items():
         cells = [f"({name}) {r['title']}"] + [f"{r['image_error'][px]:.4f}" for px in pxs]
-        cells += [f"{r['fd_student_teacher'][px]:.3f}" for px in pxs]
-        cells += [f"{r['fd_student_real'][pxs[-1]]:.3f}", f"{mean(r['layer_errors_after'].values()):.4f}",
+        cells += [f"{max(r['fd_student_teacher'][px], 0.0):.3f}" for px in pxs]
+        cells += [f"{max(r['fd_student_real'][pxs[-1]], 0.0):.3f}", f"{mean(r['layer_errors_after'].values()):.4f}",
                   f"{r['bank_parameters']:,}", f"{r['seconds']:.0f}"]
         if speed:
             cells.append(f"{speed[name]:.2f}x" if name in speed else "")
@@ -109,13 +109,13 @@ def best_design(records: Dict) -> str:
 
 
 def write_family(out: Path, family: str, teacher, records: Dict, speed: Optional[Dict[str, float]],
-                 attention: Dict) -> Path:
+                 attention: Dict, speed_px: int = 2048) -> Path:
     """<family>.json (everything but images) and <family>_samples_<px>.png."""
     from .study import write_json
     best = best_design(records) if records["ablations"] else None
     for px in records["teacher"]["samples"]:
         save(sample_grid(records, px, best), out / f"{family}_samples_{px}px.png")
-    records = dict(records, speed_2048=speed, attention=attention,
+    records = dict(records, speed=speed, speed_px=speed_px, attention=attention,
                    teacher_run={"config": teacher.config.__dict__, "seconds": teacher.seconds, "source": teacher.source,
                                 "history": teacher.history})
     path = out / f"{family}.json"
@@ -143,8 +143,8 @@ def write_summary(out: Path) -> Path:
         lines += attention_table(r["attention"]) + [""]
     for family, r in families.items():
         lines += [f"## {family}: student designs", ""]
-        speed = {k: float(v) for k, v in (r.get("speed_2048") or {}).items()}
-        lines += ablation_table(family, r, speed or None) + [""]
+        speed = {k: float(v) for k, v in (r.get("speed") or {}).items()}
+        lines += ablation_table(family, r, speed or None, r.get("speed_px", 2048)) + [""]
         lines += [f"Per-layer feature error ({family}):", ""] + layer_table(r) + [""]
         lines += [f"Best by final-image error: ({best_design(r)}). Samples: "
                   + ", ".join(f"![{family} {px}]({family}_samples_{px}px.png)" for px in r["teacher"]["fd_teacher_real"]), ""]
