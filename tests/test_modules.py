@@ -1,13 +1,17 @@
 """ConvFusion, SpatialCompressor and the EDiT layers against float64 references."""
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from torch.func import functional_call
 
 from edit_core.modules import (ConvFusion, EDiTAttention, HybridEDiTAttention, LocalValueConv, SpatialCompressor,
                                compressed_grid, merge_heads, split_heads)
 from edit_core.reference import (conv_fusion_ref, edit_attention_ref, hybrid_attention_ref,
-                                 linear_attention_ref, local_value_ref, spatial_compressor_ref)
+                                 linear_attention_ref, local_value_ref, softmax_attention_ref,
+                                 spatial_compressor_ref)
 
 from test_attention import FP32_TOL, rel_err
 
@@ -190,3 +194,48 @@ def test_grad_flows_to_every_edit_parameter():
     o_txt, o_img = layer(x, *txt, q, k, v, (5, 7))
     o_img.square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
+
+
+# Issue 11: the prompt weight 1 - eta at SD3's real token ratios: 1024, 2048 and 4096 px give
+# 4096, 16384 and 65536 image tokens, against 333 prompt tokens. With the image-image part
+# zeroed (SC(v) = 0, local branch untrained) the image rows are exactly (1 - eta) * softmax(
+# q_img, k_txt, v_txt): the prompt-weighted part alone, held against float64 on sampled rows.
+PROMPT_WEIGHT_TOL = {torch.float16: 5e-3, torch.bfloat16: 2e-2}
+N_TXT = 333
+
+
+@pytest.mark.parametrize("eta_mode", ["learned", "ratio"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("side", [64, 128, 256])
+def test_prompt_weight_is_right_at_real_token_ratios_in_low_precision(side, dtype, eta_mode):
+    heads, d, grid = 2, 8, (side, side)
+    c, n = heads * d, side * side
+    layer = HybridEDiTAttention(c, heads, reduction=4, eta_mode=eta_mode)
+    with torch.no_grad():
+        layer.sc_v.weight.zero_()
+        if eta_mode == "learned":
+            layer.eta_offset.copy_(torch.tensor([0.3, -0.2]))
+    gen = torch.Generator().manual_seed(side)
+    x, q, k, v = (torch.randn(1, n, c, generator=gen).to(dtype) for _ in range(4))
+    txt = [torch.randn(1, N_TXT, c, generator=gen).to(dtype) for _ in range(3)]
+    _, o_img = layer(x, *txt, q, k, v, grid, prompt_rows=False)
+
+    logit = torch.full((heads,), math.log(n / N_TXT), dtype=torch.float64)
+    if eta_mode == "learned":
+        logit = logit + layer.eta_offset.double()
+    rest = torch.sigmoid(-logit).view(1, -1, 1, 1)
+    rows = torch.randperm(n, generator=gen)[:256]
+    qi, kt, vt = split_heads(q, heads)[:, :, rows], split_heads(txt[1], heads), split_heads(txt[2], heads)
+    soft_ref = softmax_attention_ref(qi, kt, vt)
+    tol = PROMPT_WEIGHT_TOL[dtype]
+    assert rel_err(split_heads(o_img, heads)[:, :, rows], rest * soft_ref) < tol
+
+    # The formula before the fix: a lerp towards the softmax part with 1 - eta computed after
+    # eta was cast to the activations' dtype. Where that weight is off by more than twice the
+    # tolerance, the same check fails on it: this test would catch the old code.
+    eta = layer.eta(n, N_TXT)
+    old_weight = 1 - (eta.to(dtype) if torch.is_tensor(eta) else eta)
+    old_rows = torch.zeros_like(qi).lerp_(F.scaled_dot_product_attention(qi, kt, vt), old_weight)
+    weight_error = ((torch.as_tensor(old_weight).double() - rest).abs() / rest).max().item()
+    if weight_error > 2 * tol:
+        assert rel_err(old_rows, rest * soft_ref) > tol
