@@ -178,7 +178,8 @@ def edit_hparams(meta, **changes):
                                                                "layer names.*found 'blocks.0.attn'"),
     (lambda m: {**m, "family": "flux"}, "field 'family' must be one of sd3, pixart, found 'flux'"),
     (lambda m: edit_hparams(m, extra=1), "field 'hparams' must be an object with the keys cf_kernel, eta_mode, "
-                                         r"local_kernel, reduction, sc_kernel, found \['extra'\]"),
+                                         "local_kernel, reduction, sc_kernel and optionally cf_input, "
+                                         r"local_placement, qkv_rank, sc_stride, found \['extra'\]"),
 ], ids=["heads=-2", "reduction=0", "sc_kernel=2", "empty-layer-name", "layers-not-a-list", "reduction-a-string",
         "kernel-a-bool", "eta_mode-null", "training-a-list", "full-width-digits", "no-depth", "heads-not-dividing",
         "duplicate-layers", "layer-of-another-family", "unknown-family", "unknown-hparam"])
