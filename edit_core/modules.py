@@ -321,7 +321,8 @@ class HybridEDiTAttention(EDiTAttention):
         ratio = token_ratio_eta(n_img, n_txt)
         if self.eta_offset is None:
             return ratio, n_txt / (n_img + n_txt)
-        logit = math.log(ratio / (1.0 - ratio)) + self.eta_offset.float()
+        offset = self.eta_offset.to(torch.promote_types(self.eta_offset.dtype, torch.float32))  # float64 stays
+        logit = math.log(ratio / (1.0 - ratio)) + offset
         return torch.sigmoid(logit).view(1, -1, 1, 1), torch.sigmoid(-logit).view(1, -1, 1, 1)
 
     def eta(self, n_img: int, n_txt: int):
