@@ -1,6 +1,7 @@
 """The EDiT bank and its safetensors file: round trip, and every way a file can be wrong."""
 import json
 import re
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -376,3 +377,25 @@ def test_refuses_a_pixart_bank_whose_convfusion_reads_the_residual_stream(tmp_pa
 def test_init_refuses_bad_student_options(hparams, message):
     with pytest.raises(EDiTError, match=message):
         init_bank(SPEC, **hparams)
+
+
+def test_init_node_offers_the_student_options_with_todays_design_as_default():
+    from test_server import pack_mappings  # the pack imported as ComfyUI imports it
+    node = pack_mappings()[0]["EDiTInitFromModel"]
+    optional = node.INPUT_TYPES()["optional"]
+    assert set(optional) == {"cf_kernel", "sc_kernel", "sc_stride", "local_kernel", "local_placement", "cf_input",
+                             "qkv_rank"}
+    assert all(spec[1]["tooltip"] for spec in optional.values())
+    model = tiny_models.sd3_patcher(depth=2, mmditx_layers=(0,))
+    widget_defaults = {k: spec[1]["default"] if "default" in spec[1] else spec[0][0] for k, spec in optional.items()}
+    (bank,) = node().init(model, "all", 32, "learned", 0, **widget_defaults)
+    # The pack's own copy of edit_core (imported as a package): compare values, not classes.
+    assert asdict(bank.config) == asdict(init_bank(model_spec(model)).config)
+    (bank,) = node().init(model, "0", 32, "learned", 0, cf_kernel=0, sc_kernel=1, sc_stride=1, local_kernel=0,
+                          local_placement="outside", cf_input="modulated", qkv_rank=2)
+    c = bank.config
+    assert (c.layers, c.cf_kernel, c.sc_kernel, c.sc_stride, c.local_kernel, c.local_placement, c.cf_input,
+            c.qkv_rank) == (("joint_blocks.0.attn", "joint_blocks.0.attn2"), 0, 1, 1, 0, "outside", "modulated", 2)
+    with pytest.raises(ValueError, match="cf_kernel 2: must be an odd whole number") as err:
+        node().init(model, "all", 32, "learned", 0, cf_kernel=2)
+    assert type(err.value).__name__ == "EDiTError"
