@@ -73,7 +73,7 @@ class ConvFusion(nn.Module):
     q and out projections add 2C^2). With the default r = 32 the branch costs 10/32 C^2 =
     2.6% of an SD3 joint block, 2.2% of a PixArt block, and 3.9% of an MMDiT-X block with
     both of its attentions converted (two branches). At SD3.5-Medium's C = 1536 that is
-    491,520 multiply-adds per token (48 hidden channels); at PixArt-Sigma's C = 1152,
+    737,280 multiply-adds per token (48 hidden channels); at PixArt-Sigma's C = 1152,
     414,720 (36 hidden channels).
     """
 
