@@ -36,11 +36,13 @@ MAX_QKV_RANK = 256
 LAYER_PATTERNS = {"sd3": r"joint_blocks\.(0|[1-9][0-9]{0,2})\.attn2?", "pixart": r"blocks\.(0|[1-9][0-9]{0,2})\.attn"}
 LAYER_EXAMPLES = {"sd3": "'joint_blocks.0.attn' or 'joint_blocks.0.attn2'", "pixart": "'blocks.0.attn'"}
 ETA_MODES = ("learned", "ratio")
-
 CF_INPUTS = ("residual", "modulated")
 # What ConvFusion reads where a bank does not say: SD3's blocks hand it the raw residual
 # stream x (before norm1 and the adaLN modulation), PixArt's attention its modulated input.
 DEFAULT_CF_INPUT = {"sd3": "residual", "pixart": "modulated"}
+# The other student-design options (issue 11) at their defaults: the design of the banks
+# written before these options existed.
+OPTION_DEFAULTS = {"sc_stride": 2, "qkv_rank": 0, "local_placement": "inside"}
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 REMAKE = "Use another bank, or make this one again with EDiT Distill and Save EDiT."
 
@@ -97,8 +99,7 @@ class BankConfig:
 
     def option_defaults(self) -> Dict:
         """The student-design options (issue 11) and their defaults: today's design."""
-        return {"sc_stride": 2, "qkv_rank": 0, "local_placement": "inside",
-                "cf_input": DEFAULT_CF_INPUT.get(self.family)}
+        return dict(OPTION_DEFAULTS, cf_input=DEFAULT_CF_INPUT.get(self.family))
 
     def hparams(self) -> Dict:
         """The hyper-parameters a bank file stores. Student-design options at their defaults are
@@ -131,7 +132,7 @@ HPARAM_RULES = {  # hyper-parameter: (what it must be, test)
     "cf_input": (f"one of {', '.join(CF_INPUTS)}", lambda i: i in CF_INPUTS),
 }
 HPARAMS = set(HPARAM_RULES)
-OPTIONAL_HPARAMS = {"sc_stride", "qkv_rank", "local_placement", "cf_input"}  # absent from older banks
+OPTIONAL_HPARAMS = set(OPTION_DEFAULTS) | {"cf_input"}  # absent from older banks
 TEXT_HPARAMS = {"eta_mode", "local_placement", "cf_input"}
 
 
