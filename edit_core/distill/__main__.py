@@ -52,9 +52,9 @@ def build_parser():
     s.add_argument("--local-kernel", type=int, default=3, help="local value branch kernel size (odd); 0: none")
     s.add_argument("--local-placement", choices=["inside", "outside"], default="inside",
                    help="SD3: the local branch inside the eta-weighted term or added outside it (PixArt: the same)")
-    s.add_argument("--cf-input", choices=["residual", "modulated"],
-                   help="what ConvFusion reads on SD3: the block's residual stream or the modulated attention input "
-                        "(default: residual on SD3; PixArt always reads the modulated input)")
+    s.add_argument("--cf-input", choices=["family", "residual", "modulated"], default="family",
+                   help="what ConvFusion reads on SD3: the block's residual stream or the modulated attention input; "
+                        "family: residual on SD3, modulated on PixArt (its only choice)")
     s.add_argument("--qkv-rank", type=int, default=0, help="rank of a low-rank update of the converted layers' "
                    "normalised image q/k/v; 0: none")
     g.add_argument("--latents", help="safetensors file with a 'latent' tensor (B, C, h, w) for the task loss")
@@ -127,10 +127,12 @@ BANK_OPTIONS = ("reduction", "eta_mode", "cf_kernel", "sc_kernel", "sc_stride", 
 
 
 def bank_options(args) -> dict:
-    """init_bank's hyper-parameters from the command line (cf_input left out when not given:
-    the family's own); a value no bank could hold is an EDiTError, before anything loads."""
+    """init_bank's hyper-parameters from the command line (cf_input "family": left to the
+    model's family); a value no bank could hold is an EDiTError, before anything loads."""
     from ..bank import EDiTError, hparam_problem
-    options = {key: getattr(args, key) for key in BANK_OPTIONS if getattr(args, key) is not None}
+    options = {key: getattr(args, key) for key in BANK_OPTIONS}
+    if options["cf_input"] == "family":
+        del options["cf_input"]
     for key, value in options.items():
         problem = hparam_problem(key, value)
         if problem:
