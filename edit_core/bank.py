@@ -19,7 +19,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .modules import DEFAULT_REDUCTION, EDiTAttention, HybridEDiTAttention
+from .modules import DEFAULT_REDUCTION, LOCAL_PLACEMENTS, EDiTAttention, HybridEDiTAttention
 
 FORMAT_NAME = "comfyui-edit/bank"
 FORMAT_VERSION = 1
@@ -32,9 +32,17 @@ MAX_HEADS = 256
 MAX_HIDDEN = 16384
 MAX_KERNEL = 15
 MAX_REDUCTION = 1024
+MAX_QKV_RANK = 256
 LAYER_PATTERNS = {"sd3": r"joint_blocks\.(0|[1-9][0-9]{0,2})\.attn2?", "pixart": r"blocks\.(0|[1-9][0-9]{0,2})\.attn"}
 LAYER_EXAMPLES = {"sd3": "'joint_blocks.0.attn' or 'joint_blocks.0.attn2'", "pixart": "'blocks.0.attn'"}
 ETA_MODES = ("learned", "ratio")
+CF_INPUTS = ("residual", "modulated")
+# What ConvFusion reads where a bank does not say: SD3's blocks hand it the raw residual
+# stream x (before norm1 and the adaLN modulation), PixArt's attention its modulated input.
+DEFAULT_CF_INPUT = {"sd3": "residual", "pixart": "modulated"}
+# The other student-design options (issue 11) at their defaults: the design of the banks
+# written before these options existed.
+OPTION_DEFAULTS = {"sc_stride": 2, "qkv_rank": 0, "local_placement": "inside"}
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 REMAKE = "Use another bank, or make this one again with EDiT Distill and Save EDiT."
 
@@ -79,11 +87,27 @@ class BankConfig:
     sc_kernel: int = 3
     local_kernel: int = 3
     eta_mode: str = "learned"
+    sc_stride: int = 2
+    qkv_rank: int = 0
+    local_placement: str = "inside"
+    cf_input: Optional[str] = None  # None: the family's DEFAULT_CF_INPUT
     training: Dict = field(default_factory=dict, compare=False)
 
+    def __post_init__(self):
+        if self.cf_input is None:
+            object.__setattr__(self, "cf_input", DEFAULT_CF_INPUT.get(self.family))
+
+    def option_defaults(self) -> Dict:
+        """The student-design options (issue 11) and their defaults: today's design."""
+        return dict(OPTION_DEFAULTS, cf_input=DEFAULT_CF_INPUT.get(self.family))
+
     def hparams(self) -> Dict:
-        return {"reduction": self.reduction, "cf_kernel": self.cf_kernel, "sc_kernel": self.sc_kernel,
+        """The hyper-parameters a bank file stores. Student-design options at their defaults are
+        left out: a default bank's file (and the fingerprints of its runs) stay as before."""
+        base = {"reduction": self.reduction, "cf_kernel": self.cf_kernel, "sc_kernel": self.sc_kernel,
                 "local_kernel": self.local_kernel, "eta_mode": self.eta_mode}
+        return dict(base, **{k: getattr(self, k) for k, default in self.option_defaults().items()
+                             if getattr(self, k) != default})
 
     def describe(self) -> str:
         return (f"{self.family}, hidden {self.hidden_size}, {self.heads} heads, depth {self.depth}, "
@@ -97,19 +121,34 @@ def _odd_kernel(size: int) -> bool:
 _KERNEL = f"an odd whole number from 1 to {MAX_KERNEL}"
 HPARAM_RULES = {  # hyper-parameter: (what it must be, test)
     "reduction": (f"a whole number from 1 to {MAX_REDUCTION}", lambda r: 1 <= r <= MAX_REDUCTION),
-    "cf_kernel": (_KERNEL, _odd_kernel),
+    "cf_kernel": (_KERNEL + " or 0 (no ConvFusion)", lambda k: k == 0 or _odd_kernel(k)),
     "sc_kernel": (_KERNEL, _odd_kernel),
     "local_kernel": (_KERNEL + " or 0 (no local branch)", lambda k: k == 0 or _odd_kernel(k)),
     "eta_mode": (f"one of {', '.join(ETA_MODES)}", lambda mode: mode in ETA_MODES),
+    "sc_stride": ("1 or 2 (1: no compression with sc_kernel 1)", lambda s: s in (1, 2)),
+    "qkv_rank": (f"a whole number from 0 to {MAX_QKV_RANK} (0: no low-rank q/k/v update)",
+                 lambda r: 0 <= r <= MAX_QKV_RANK),
+    "local_placement": (f"one of {', '.join(LOCAL_PLACEMENTS)}", lambda p: p in LOCAL_PLACEMENTS),
+    "cf_input": (f"one of {', '.join(CF_INPUTS)}", lambda i: i in CF_INPUTS),
 }
 HPARAMS = set(HPARAM_RULES)
+OPTIONAL_HPARAMS = set(OPTION_DEFAULTS) | {"cf_input"}  # absent from older banks
+TEXT_HPARAMS = {"eta_mode", "local_placement", "cf_input"}
 
 
 def hparam_problem(key: str, value) -> Optional[str]:
     """None if ``value`` is a valid ``key`` hyper-parameter, else what it must be."""
     expected, ok = HPARAM_RULES[key]
-    kind = str if key == "eta_mode" else int
+    kind = str if key in TEXT_HPARAMS else int
     return None if type(value) is kind and ok(value) else expected  # type(): a JSON true is no number
+
+
+def family_hparam_problem(family: str, key: str, value) -> Optional[str]:
+    """None if a valid hyper-parameter fits the family, else what it must be there."""
+    if key == "cf_input" and family == "pixart" and value != "modulated":
+        return ("'modulated' for pixart (its attention input is the modulated one; only SD3 can read the "
+                "residual stream)")
+    return None
 
 
 def _nested_set(root: nn.ModuleDict, name: str, module: nn.Module):
@@ -132,14 +171,13 @@ class EDiTBank(nn.Module):
         self.layers = nn.ModuleDict()
         for name in config.layers:
             kind = layer_kind(config.family, name)
+            common = dict(reduction=config.reduction, cf_kernel=config.cf_kernel, sc_kernel=config.sc_kernel,
+                          local_kernel=config.local_kernel, sc_stride=config.sc_stride, qkv_rank=config.qkv_rank)
             if kind == "hybrid":
-                module = HybridEDiTAttention(config.hidden_size, config.heads, reduction=config.reduction,
-                                             eta_mode=config.eta_mode, cf_kernel=config.cf_kernel,
-                                             sc_kernel=config.sc_kernel, local_kernel=config.local_kernel)
+                module = HybridEDiTAttention(config.hidden_size, config.heads, eta_mode=config.eta_mode,
+                                             local_placement=config.local_placement, **common)
             else:
-                module = EDiTAttention(config.hidden_size, config.heads, reduction=config.reduction,
-                                       cf_kernel=config.cf_kernel, sc_kernel=config.sc_kernel,
-                                       local_kernel=config.local_kernel)
+                module = EDiTAttention(config.hidden_size, config.heads, **common)
             _nested_set(self.layers, name, module)
 
     def layer(self, name: str) -> nn.Module:
@@ -152,7 +190,13 @@ class EDiTBank(nn.Module):
 
 def init_bank(spec: ModelSpec, layers: Optional[Iterable[str]] = None, seed: int = 0, **hparams) -> EDiTBank:
     """An untrained bank for a model: zero-initialised ConvFusion (so it starts at ReLU linear
-    attention over the model's own q, k, v), low-pass SpatialCompressor. Deterministic for a seed."""
+    attention over the model's own q, k, v), low-pass SpatialCompressor. Deterministic for a seed.
+
+    ``hparams``: reduction, cf_kernel (0: no ConvFusion), sc_kernel, local_kernel (0: no local
+    branch), eta_mode, and the student-design options sc_stride (2, or 1: no compression with
+    sc_kernel=1), qkv_rank (0: off), local_placement ('inside' or 'outside' the eta-weighted
+    term; the same on PixArt, which has no eta) and cf_input (SD3: 'residual' or 'modulated';
+    PixArt: 'modulated' only). Unknown names are a TypeError."""
     names = tuple(spec.layers if layers is None else layers)
     unknown = [n for n in names if n not in spec.layers]
     if unknown:
@@ -162,8 +206,9 @@ def init_bank(spec: ModelSpec, layers: Optional[Iterable[str]] = None, seed: int
         raise EDiTError("no layers selected: a bank needs at least one layer; select some, or 'all'")
     config = BankConfig(spec.family, spec.hidden_size, spec.heads, spec.depth,
                         tuple(n for n in spec.layers if n in names), **hparams)
-    for key, value in config.hparams().items():  # what load_bank would refuse is never made
-        problem = hparam_problem(key, value)
+    for key in sorted(HPARAMS):  # what load_bank would refuse is never made
+        value = getattr(config, key)
+        problem = hparam_problem(key, value) or family_hparam_problem(config.family, key, value)
         if problem:
             raise EDiTError(f"{key} {value!r}: must be {problem}")
     with torch.random.fork_rng(devices=[]):
@@ -294,9 +339,12 @@ def _config_from_metadata(meta: Dict[str, str], path) -> BankConfig:
     hp = _json_field(meta, path, "hparams", dict)
     unknown = sorted(set(hp) - HPARAMS)
     if unknown:
-        raise _refusal(path, "hparams", f"an object with the keys {', '.join(sorted(HPARAMS))}", unknown)
+        raise _refusal(path, "hparams", f"an object with the keys {', '.join(sorted(HPARAMS - OPTIONAL_HPARAMS))} "
+                       f"and optionally {', '.join(sorted(OPTIONAL_HPARAMS))}", unknown)
     for key in sorted(HPARAMS):
-        problem = hparam_problem(key, hp.get(key))
+        if key in OPTIONAL_HPARAMS and key not in hp:  # a bank from before the option: today's design
+            continue
+        problem = hparam_problem(key, hp.get(key)) or family_hparam_problem(family, key, hp.get(key))
         if problem:
             raise _refusal(path, f"hparams.{key}", problem, hp.get(key))
     return BankConfig(family, hidden, heads, depth, tuple(layers), **hp,

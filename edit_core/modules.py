@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import EPS, SoftmaxAttention, linear_attention_state, mix_weight, sdpa, token_ratio_eta
+from .attention import EPS, SoftmaxAttention, linear_attention_state, sdpa, token_ratio_eta
 from .attention import prompt_rows as joint_prompt_rows
 
 Grid = Tuple[int, int]
@@ -52,10 +52,11 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
-def compressed_grid(grid: Grid) -> Grid:
-    """Grid after SpatialCompressor: ceil(h/2) x ceil(w/2) (odd window k, stride 2, k//2 padding)."""
+def compressed_grid(grid: Grid, stride: int = 2) -> Grid:
+    """Grid after SpatialCompressor: ceil(h/s) x ceil(w/s) (odd window k, stride s, k//2 padding);
+    stride 1 keeps the grid."""
     h, w = grid
-    return (h + 1) // 2, (w + 1) // 2
+    return -(-h // stride), -(-w // stride)
 
 
 class ConvFusion(nn.Module):
@@ -72,7 +73,7 @@ class ConvFusion(nn.Module):
     q and out projections add 2C^2). With the default r = 32 the branch costs 10/32 C^2 =
     2.6% of an SD3 joint block, 2.2% of a PixArt block, and 3.9% of an MMDiT-X block with
     both of its attentions converted (two branches). At SD3.5-Medium's C = 1536 that is
-    491,520 multiply-adds per token (48 hidden channels); at PixArt-Sigma's C = 1152,
+    737,280 multiply-adds per token (48 hidden channels); at PixArt-Sigma's C = 1152,
     414,720 (36 hidden channels).
     """
 
@@ -107,28 +108,37 @@ def binomial_kernel(size: int = 3) -> torch.Tensor:
 
 
 class SpatialCompressor(nn.Module):
-    """Depthwise k x k conv (k odd, default 3), stride 2, over the token grid: 4x fewer
-    keys/values.
+    """Depthwise k x k conv (k odd, default 3), stride 2 (default) or 1, over the token grid:
+    4x fewer keys/values at stride 2.
 
     Any h, w >= 1 works: the grid is edge-padded by k//2 rows/columns on each side
     (replicate, so a constant field stays constant at the borders), giving
-    ``compressed_grid(grid)`` = (ceil(h/2), ceil(w/2)) tokens out. Initialised as a
-    normalised binomial low-pass with zero bias, so an untrained compressor is an
-    anti-aliased 2x downsample.
+    ``compressed_grid(grid, stride)`` tokens out. Initialised as a normalised binomial
+    low-pass with zero bias, so an untrained compressor is an anti-aliased 2x downsample;
+    with k = 1 and stride 1 it is a learned per-channel scale and shift that starts as the
+    identity (no compression).
     """
 
-    def __init__(self, channels: int, kernel_size: int = 3):
+    def __init__(self, channels: int, kernel_size: int = 3, stride: int = 2):
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f"SpatialCompressor kernel size must be odd, got {kernel_size}")
+        if stride not in (1, 2):
+            raise ValueError(f"SpatialCompressor stride must be 1 or 2, got {stride}")
         self.kernel_size = kernel_size
+        self.stride = stride
         self.weight = nn.Parameter(binomial_kernel(kernel_size).expand(channels, 1, kernel_size, kernel_size).clone())
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
+        p = self.kernel_size // 2
+        if self.stride == 1 and p == 0:  # a per-channel scale and shift: no grid needed
+            return torch.addcmul(_cast(self.bias, x), x, _cast(self.weight, x).view(-1))
         g = tokens_to_grid(x, grid)
         w, b = _cast(self.weight, g), _cast(self.bias, g)
-        p, (h, wd) = self.kernel_size // 2, grid
+        h, wd = grid
+        if self.stride == 1:
+            return grid_to_tokens(F.conv2d(F.pad(g, (p, p, p, p), mode="replicate"), w, b, groups=g.shape[1]))
         edge = (p + 1) // 2  # output rows/columns whose window reaches past the grid's start
         if min(h, wd) < 4 * p + 2:
             return grid_to_tokens(F.conv2d(F.pad(g, (p, p, p, p), mode="replicate"), w, b, stride=2, groups=g.shape[1]))
@@ -183,30 +193,65 @@ class LocalValueConv(nn.Module):
         return grid_to_tokens(g)
 
 
+class LowRankQKV(nn.Module):
+    """A LoRA-style update of one layer's image q, k and v: (dq, dk, dv) = (B_q A_q h, B_k A_k h,
+    B_v A_v h) with h the input of the model's qkv projection (the modulated attention input),
+    A: C_in -> r (as nn.Linear initialises it), B: r -> C (zero-initialised, so an untrained
+    update is no update).
+
+    It is added to the q, k, v that ComfyUI hands the attention, which are *after* the
+    model's q/k RMS-norm: a low-rank update of the normalised q/k/v. That needs no second qkv
+    projection and no patch outside the attention override, and the model's own projection
+    stays frozen and LoRA-safe. Cost per token: 3 * (C_in * r + r * C) multiply-adds.
+    """
+
+    def __init__(self, in_channels: int, channels: int, rank: int):
+        super().__init__()
+        self.down = nn.Parameter(torch.empty(3 * rank, in_channels))
+        nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
+        self.up = nn.Parameter(torch.zeros(3, channels, rank))
+
+    def forward(self, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        z = F.linear(h, _cast(self.down, h))
+        up = _cast(self.up, h)
+        return tuple(F.linear(part, up[j]) for j, part in enumerate(z.chunk(3, dim=-1)))
+
+
 class EDiTAttention(nn.Module):
     """Linear compressed attention for one image self-attention layer.
 
-    Given the layer input x (B, N, C_in), the model's own q, k, v (B, N, C) after its q/k
-    norm, and the token grid: q~ = ReLU(q + CF(x)), k~ = ReLU(SC(k)), v~ = SC(v); the output
+    Given the ConvFusion input x (B, N, C_in), the model's own q, k, v (B, N, C) after its
+    q/k norm, and the token grid: q~ = ReLU(q + CF(x)), k~ = ReLU(SC(k)), v~ = SC(v); the output
     is ReLU linear attention of q~ over k~, v~, heads merged, plus LocalValueConv(v): (B, N, C).
     Untrained (zero ConvFusion and local branch), it is plain ReLU linear attention over q and
-    the compressed k, v.
+    the compressed k, v. Options: ``cf_kernel=0`` drops ConvFusion (q~ = ReLU(q));
+    ``sc_stride=1`` with ``sc_kernel=1`` leaves k, v uncompressed; ``qkv_rank=r > 0`` adds a
+    ``LowRankQKV`` update to q, k, v first, read from h (the qkv projection's input).
     """
 
     def __init__(self, channels: int, heads: int, in_channels: Optional[int] = None,
-                 reduction: int = DEFAULT_REDUCTION, cf_kernel: int = 3, sc_kernel: int = 3, local_kernel: int = 3):
+                 reduction: int = DEFAULT_REDUCTION, cf_kernel: int = 3, sc_kernel: int = 3, local_kernel: int = 3,
+                 sc_stride: int = 2, qkv_rank: int = 0):
         super().__init__()
         self.heads = heads
-        self.cf = ConvFusion(in_channels or channels, channels, reduction, cf_kernel)
-        self.sc_k = SpatialCompressor(channels, sc_kernel)
-        self.sc_v = SpatialCompressor(channels, sc_kernel)
+        self.cf = ConvFusion(in_channels or channels, channels, reduction, cf_kernel) if cf_kernel else None
+        self.sc_k = SpatialCompressor(channels, sc_kernel, sc_stride)
+        self.sc_v = SpatialCompressor(channels, sc_kernel, sc_stride)
         self.local = LocalValueConv(channels, local_kernel) if local_kernel else None  # 0: plain EDiT
+        self.qkv_update = LowRankQKV(in_channels or channels, channels, qkv_rank) if qkv_rank else None
+
+    def updated_qkv(self, h, q, k, v):
+        """q, k, v plus the low-rank update read from h; unchanged (the same tensors) without one."""
+        if self.qkv_update is None:
+            return q, k, v
+        dq, dk, dv = self.qkv_update(h)
+        return q + dq, k + dk, v + dv
 
     def features(self, x, q, k, v, grid: Grid):
         """(q~, k~, v~) as (B, H, L, D); k~ and v~ on the compressed grid."""
         # In place on fresh outputs whose producers do not keep them for backward: no extra
         # full-size tensors.
-        q_lin = self.cf(x, grid).add_(q).relu_()
+        q_lin = q.relu() if self.cf is None else self.cf(x, grid).add_(q).relu_()
         k_lin = self.sc_k(k, grid).relu_()
         v_lin = self.sc_v(v, grid)
         return tuple(split_heads(t, self.heads) for t in (q_lin, k_lin, v_lin))
@@ -230,8 +275,18 @@ class EDiTAttention(nn.Module):
         """The image-image interaction, (B, H, N, D): linear attention plus the local branch."""
         return split_heads(self.image_image_tokens(x, q, k, v, grid), self.heads)
 
-    def forward(self, x, q, k, v, grid: Grid) -> torch.Tensor:
+    def forward(self, x, q, k, v, grid: Grid, h=None) -> torch.Tensor:
+        """h: the input of the model's qkv projection, read by the low-rank update; None means x."""
+        q, k, v = self.updated_qkv(x if h is None else h, q, k, v)
         return self.image_image_tokens(x, q, k, v, grid)
+
+
+LOCAL_PLACEMENTS = ("inside", "outside")
+
+
+def _add_scaled(acc: torch.Tensor, t: torch.Tensor, weight) -> torch.Tensor:
+    """acc += weight * t in place, for a float or a tensor weight."""
+    return acc.addcmul_(t, weight) if torch.is_tensor(weight) else acc.add_(t, alpha=weight)
 
 
 class HybridEDiTAttention(EDiTAttention):
@@ -240,34 +295,70 @@ class HybridEDiTAttention(EDiTAttention):
     Image-image interactions use the EDiT features; every interaction with prompt tokens
     stays softmax. eta is the token ratio N / (N + M); with ``eta_mode="learned"`` a per-head
     offset on its logit (zero-initialised, so training starts at the token ratio) is learned
-    by distillation.
+    by distillation. The local branch sits inside the eta-weighted term (``local_placement=
+    "inside"``: eta * (linear + local) + (1 - eta) * soft) or outside it ("outside": eta *
+    linear + (1 - eta) * soft + local, a strength that does not change with resolution).
     """
 
     def __init__(self, channels: int, heads: int, in_channels: Optional[int] = None,
                  reduction: int = DEFAULT_REDUCTION, eta_mode: str = "learned", cf_kernel: int = 3,
-                 sc_kernel: int = 3, local_kernel: int = 3):
-        super().__init__(channels, heads, in_channels, reduction, cf_kernel, sc_kernel, local_kernel)
+                 sc_kernel: int = 3, local_kernel: int = 3, sc_stride: int = 2, qkv_rank: int = 0,
+                 local_placement: str = "inside"):
+        super().__init__(channels, heads, in_channels, reduction, cf_kernel, sc_kernel, local_kernel, sc_stride,
+                         qkv_rank)
         if eta_mode not in ("ratio", "learned"):
             raise ValueError(f"eta_mode must be 'ratio' or 'learned', got {eta_mode!r}")
+        if local_placement not in LOCAL_PLACEMENTS:
+            raise ValueError(f"local_placement must be one of {LOCAL_PLACEMENTS}, got {local_placement!r}")
         self.eta_mode = eta_mode
+        self.local_placement = local_placement
         self.eta_offset = nn.Parameter(torch.zeros(heads)) if eta_mode == "learned" else None
 
-    def eta(self, n_img: int, n_txt: int):
+    def mix_weights(self, n_img: int, n_txt: int):
+        """(eta, 1 - eta): floats, or float32 (1, H, 1, 1) tensors with a learned offset. 1 - eta
+        is computed as such (sigmoid(-logit)), not rounded from eta: at 65536 image and 333
+        prompt tokens eta is 0.995, and 1 - eta from a bf16 eta is off by tens of percent."""
         ratio = token_ratio_eta(n_img, n_txt)
         if self.eta_offset is None:
-            return ratio
-        return torch.sigmoid(math.log(ratio / (1.0 - ratio)) + self.eta_offset.float()).view(1, -1, 1, 1)
+            return ratio, n_txt / (n_img + n_txt)
+        offset = self.eta_offset.to(torch.promote_types(self.eta_offset.dtype, torch.float32))  # float64 stays
+        logit = math.log(ratio / (1.0 - ratio)) + offset
+        return torch.sigmoid(logit).view(1, -1, 1, 1), torch.sigmoid(-logit).view(1, -1, 1, 1)
+
+    def eta(self, n_img: int, n_txt: int):
+        return self.mix_weights(n_img, n_txt)[0]
+
+    def image_rows(self, x, q, k, v, grid: Grid, soft: torch.Tensor, eta, rest) -> torch.Tensor:
+        """The image rows (B, N, C): eta * linear + rest * soft, plus the local branch (times eta
+        inside, alone outside), summed in float32 one batch at a time and rounded once to v's dtype."""
+        q_lin, k_lin, v_lin = self.features(x, q, k, v, grid)
+        state = linear_attention_state(k_lin, v_lin)
+        local = None if self.local is None else split_heads(self.local(v, grid), self.heads)
+        local_weight = eta if self.local_placement == "inside" else 1.0
+        out = v.new_empty(v.shape)
+        rows = split_heads(out, self.heads)
+        eta, rest, local_weight = (w[0] if torch.is_tensor(w) else w for w in (eta, rest, local_weight))
+        # One batch at a time: q_lin's head view is strided, and a batched matmul would copy
+        # it whole to fold B and H into one batch dimension; the float32 sum lives in the
+        # matmul's own output.
+        for i in range(q_lin.shape[0]):
+            o = q_lin[i].to(state.dtype) @ state[i]
+            mix = o[..., :-1].mul_(eta / (o[..., -1:] + EPS))
+            _add_scaled(mix, soft[i], rest)
+            if local is not None:
+                _add_scaled(mix, local[i], local_weight)
+            rows[i].copy_(mix)
+        return out
 
     def forward(self, x, q_txt, k_txt, v_txt, q, k, v, grid: Grid,
-                softmax_attention: Optional[SoftmaxAttention] = None, prompt_rows: bool = True):
-        """All token tensors (B, L, C). Returns (o_txt, o_img) as (B, L, C); o_txt is None
-        when ``prompt_rows`` is False (SD3's last block has no prompt output)."""
+                softmax_attention: Optional[SoftmaxAttention] = None, prompt_rows: bool = True, h=None):
+        """All token tensors (B, L, C); h: the input of the model's image qkv projection, read
+        by the low-rank update (None means x). Returns (o_txt, o_img) as (B, L, C); o_txt is
+        None when ``prompt_rows`` is False (SD3's last block has no prompt output)."""
         softmax_attention = softmax_attention or sdpa
+        q, k, v = self.updated_qkv(x if h is None else h, q, k, v)
         qt, kt, vt, qi, ki, vi = (split_heads(t, self.heads) for t in (q_txt, k_txt, v_txt, q, k, v))
-        eta = self.eta(q.shape[1], q_txt.shape[1])
-        o_img = self.image_image_tokens(x, q, k, v, grid)
-        soft = softmax_attention(qi, kt, vt)
-        # eta * image_image + (1 - eta) * soft, in place on our own (B, N, C) tensor.
-        split_heads(o_img, self.heads).lerp_(soft.to(o_img.dtype), 1 - mix_weight(eta, o_img))
+        eta, rest = self.mix_weights(q.shape[1], q_txt.shape[1])
+        o_img = self.image_rows(x, q, k, v, grid, softmax_attention(qi, kt, vt), eta, rest)
         o_txt = merge_heads(joint_prompt_rows(qt, kt, vt, ki, vi, softmax_attention)) if prompt_rows else None
         return o_txt, o_img

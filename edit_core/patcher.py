@@ -29,6 +29,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 import comfy.ldm.modules.attention as comfy_attention
+import comfy.ldm.modules.diffusionmodules.mmdit as comfy_mmdit
 import comfy.model_patcher
 import comfy.patcher_extension
 
@@ -202,6 +203,26 @@ def sd3_pre_attention(block, context, x, c):
     return _tokens(ctx_qkv), ctx_inter, _tokens(x_qkv), None if x_qkv2 is None else _tokens(x_qkv2), x_inter
 
 
+def sd3_modulated_input(x_block, x, c, second: bool = False):
+    """The input of a joint block's image qkv projection, computed as core's pre_attention(_x)
+    does: modulate(norm1(x), shift, scale) with the block's adaLN modulation of c; ``second``:
+    the MMDiT-X attn2's own shift and scale."""
+    mod = x_block.adaLN_modulation(c)
+    if x_block.scale_mod_only:
+        shift, scale = None, mod.chunk(1 if x_block.pre_only else 4, dim=1)[0]
+    else:
+        chunks = mod.chunk(9 if x_block.x_block_self_attn else 2 if x_block.pre_only else 6, dim=1)
+        shift, scale = chunks[6:8] if second else chunks[:2]
+    return comfy_mmdit.modulate(x_block.norm1(x), shift, scale)
+
+
+def edit_layer_args(cf_input: str, x, h):
+    """(ConvFusion's input, the qkv update's input) of a layer whose bank reads ConvFusion from
+    ``cf_input``: x is the block's residual stream (SD3) or the attention input (PixArt), h
+    the modulated attention input (None where nothing reads it)."""
+    return (h if cf_input == "modulated" else x), h
+
+
 def pixart_qkv(attn, x):
     """PixArt self-attention's own q, k, v (after its q/k norm) as (B, N, C)."""
     b, n, c = x.shape
@@ -213,13 +234,22 @@ class SD3BlockPatch:
     """Object patch for ``joint_blocks.{i}.forward``: the block's own forward (core block
     mixing) with only the attention swapped, through ``optimized_attention_override``."""
 
-    def __init__(self, original, block, index: int, attn=None, attn2=None, state: Optional[EditState] = None):
+    def __init__(self, original, block, index: int, attn=None, attn2=None, state: Optional[EditState] = None,
+                 cf_input: str = "residual", qkv_update: bool = False):
         self.original = original
         self.block = block
         self.index = index
         self.attn = attn
         self.attn2 = attn2
         self.state = state or EditState()
+        self.cf_input = cf_input  # what ConvFusion reads: "residual" (block input x) or "modulated"
+        self.qkv_update = qkv_update  # whether the layers read the qkv projection's input
+
+    def layer_args(self, x, c, second: bool):
+        """(ConvFusion's input, the qkv update's input) for the block's attn (or attn2)."""
+        needed = self.cf_input == "modulated" or self.qkv_update
+        return edit_layer_args(self.cf_input, x, sd3_modulated_input(self.block.x_block, x, c, second)
+                               if needed else None)
 
     def __call__(self, *args, **kwargs):
         to = kwargs.get("transformer_options")
@@ -251,14 +281,15 @@ class SD3BlockPatch:
             length = args[0].shape[1]
             if length == n_txt + n_img:
                 if call.student and self.attn is not None:
-                    out = self.joint_attention(x, n_txt, args[:3], call.grid, to)
+                    out = self.joint_attention(*self.layer_args(x, c, False), n_txt, args[:3], call.grid, to)
                 else:
                     out = core(func, args, kwargs)
                 if call.sink is not None and self.attn is not None:
                     call.sink(f"joint_blocks.{self.index}.attn", call.grid, dict(block_inputs, out=out[:, n_txt:]))
             elif length == n_img:
                 if call.student and self.attn2 is not None:
-                    out = self.attn2(x, *_tokens(args[:3]), call.grid)
+                    x_cf, h = self.layer_args(x, c, True)
+                    out = self.attn2(x_cf, *_tokens(args[:3]), call.grid, h=h)
                 else:
                     out = core(func, args, kwargs)
                 if call.sink is not None and self.attn2 is not None:
@@ -268,13 +299,14 @@ class SD3BlockPatch:
             return out
         return override
 
-    def joint_attention(self, x, n_txt: int, qkv, grid, to: dict):
-        """MM-EDiT hybrid attention on core's concatenated [prompt; image] q, k, v: (B, L, C) out."""
+    def joint_attention(self, x, h, n_txt: int, qkv, grid, to: dict):
+        """MM-EDiT hybrid attention on core's concatenated [prompt; image] q, k, v: (B, L, C) out.
+        x: ConvFusion's input; h: the image qkv projection's input (or None)."""
         q, k, v = _tokens(qkv)
         heads = self.block.x_block.attn.num_heads
         pre_only = self.block.context_block.pre_only
         o_txt, o_img = self.attn(x, q[:, :n_txt], k[:, :n_txt], v[:, :n_txt], q[:, n_txt:], k[:, n_txt:],
-                                 v[:, n_txt:], grid, comfy_softmax(heads, to), prompt_rows=not pre_only)
+                                 v[:, n_txt:], grid, comfy_softmax(heads, to), prompt_rows=not pre_only, h=h)
         if o_txt is None:  # the last block has no prompt output: core drops these rows unread
             o_txt = o_img.new_zeros(o_img.shape[0], n_txt, o_img.shape[2])
         return torch.cat((o_txt, o_img), dim=1)
@@ -322,19 +354,24 @@ class PixArtAttentionPatch:
         return result
 
 
-def layer_inputs(diffusion_model, name: str, inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def layer_inputs(diffusion_model, name: str, inputs: Dict[str, torch.Tensor],
+                 modulated: bool = False) -> Dict[str, torch.Tensor]:
     """Recompute a converted layer's attention inputs from what a capture sink recorded
     (SD3: the block inputs x, context, c; PixArt: the attention input x) with the model's
-    own frozen projections: x, q, k, v and, for SD3 joint attention, k_txt, v_txt."""
+    own frozen projections: x (SD3: the residual stream), h (the qkv projection's input, the
+    modulated one; PixArt: x itself; SD3: None unless ``modulated``), q, k, v and, for SD3
+    joint attention, k_txt, v_txt. ``edit_layer_args(cf_input, x, h)`` gives what a bank layer reads."""
     parts = name.split(".")
     block = getattr(diffusion_model, parts[0])[int(parts[1])]
     if parts[0] == "blocks":
         q, k, v = pixart_qkv(block.attn, inputs["x"])
-        return dict(x=inputs["x"], q=q, k=k, v=v)
+        return dict(x=inputs["x"], h=inputs["x"], q=q, k=k, v=v)
     ctx_qkv, _, x_qkv, x_qkv2, _ = sd3_pre_attention(block, inputs["context"], inputs["x"], inputs["c"])
+    h = sd3_modulated_input(block.x_block, inputs["x"], inputs["c"], parts[2] == "attn2") if modulated else None
     if parts[2] == "attn2":
-        return dict(x=inputs["x"], q=x_qkv2[0], k=x_qkv2[1], v=x_qkv2[2])
-    return dict(x=inputs["x"], q=x_qkv[0], k=x_qkv[1], v=x_qkv[2], q_txt=ctx_qkv[0], k_txt=ctx_qkv[1], v_txt=ctx_qkv[2])
+        return dict(x=inputs["x"], h=h, q=x_qkv2[0], k=x_qkv2[1], v=x_qkv2[2])
+    return dict(x=inputs["x"], h=h, q=x_qkv[0], k=x_qkv[1], v=x_qkv[2], q_txt=ctx_qkv[0], k_txt=ctx_qkv[1],
+                v_txt=ctx_qkv[2])
 
 
 PATCH_TYPES = (SD3BlockPatch, PixArtAttentionPatch)
@@ -392,7 +429,8 @@ def apply_edit(patcher, bank: EDiTBank, options: EditOptions = EditOptions(), so
             attn, attn2 = layer(f"joint_blocks.{i}.attn"), layer(f"joint_blocks.{i}.attn2")
             if attn is not None or attn2 is not None:
                 key = f"diffusion_model.joint_blocks.{i}.forward"
-                patches[key] = SD3BlockPatch(_original(m, key), block, i, attn, attn2, state)
+                patches[key] = SD3BlockPatch(_original(m, key), block, i, attn, attn2, state,
+                                             cf_input=bank.config.cf_input, qkv_update=bank.config.qkv_rank > 0)
     else:
         for i, block in enumerate(dm.blocks):
             if f"blocks.{i}.attn" in selected:

@@ -94,7 +94,7 @@ def conv_fusion_ref(cf, x, grid):
 
 def spatial_compressor_ref(sc, x, grid):
     g = _grid(x, grid)
-    return _tokens(conv2d_ref(g, sc.weight, sc.bias, stride=2, padding=sc.kernel_size // 2,
+    return _tokens(conv2d_ref(g, sc.weight, sc.bias, stride=sc.stride, padding=sc.kernel_size // 2,
                               groups=g.shape[1], pad_mode="replicate"))
 
 
@@ -108,8 +108,22 @@ def _merge(x):
     return x.permute(0, 2, 1, 3).reshape(b, n, h * d)
 
 
+def low_rank_qkv_ref(update, h):
+    """(dq, dk, dv): B_j (A_j h) for j = q, k, v."""
+    z = h.double() @ update.down.double().T
+    return tuple(part @ update.up[j].double().T for j, part in enumerate(z.chunk(3, dim=-1)))
+
+
+def updated_qkv_ref(layer, h, q, k, v):
+    q, k, v = _f64(q, k, v)
+    if layer.qkv_update is None:
+        return q, k, v
+    dq, dk, dv = low_rank_qkv_ref(layer.qkv_update, h)
+    return q + dq, k + dk, v + dv
+
+
 def edit_features_ref(layer, x, q, k, v, grid):
-    q_lin = torch.relu(q.double() + conv_fusion_ref(layer.cf, x, grid))
+    q_lin = torch.relu(q.double() if layer.cf is None else q.double() + conv_fusion_ref(layer.cf, x, grid))
     k_lin = torch.relu(spatial_compressor_ref(layer.sc_k, k, grid))
     v_lin = spatial_compressor_ref(layer.sc_v, v, grid)
     return tuple(_heads(t, layer.heads) for t in (q_lin, k_lin, v_lin))
@@ -120,19 +134,27 @@ def local_value_ref(local, v, grid):
     return _tokens(conv2d_ref(g, local.weight, local.bias, padding=local.weight.shape[-1] // 2, groups=g.shape[1]))
 
 
+def local_branch_ref(layer, v, grid):
+    """(B, H, N, D): the local branch, zero without one."""
+    if layer.local is None:
+        return torch.zeros_like(_heads(v, layer.heads))
+    return _heads(local_value_ref(layer.local, v, grid), layer.heads)
+
+
 def edit_image_image_ref(layer, x, q, k, v, grid):
     """(B, H, N, D): linear attention over (relu(q + CF(x)), relu(SC(k)), SC(v)) plus the local branch."""
-    out = linear_attention_ref(*edit_features_ref(layer, x, q, k, v, grid))
-    return out if layer.local is None else out + _heads(local_value_ref(layer.local, v, grid), layer.heads)
+    return linear_attention_ref(*edit_features_ref(layer, x, q, k, v, grid)) + local_branch_ref(layer, v, grid)
 
 
-def edit_attention_ref(layer, x, q, k, v, grid):
-    """EDiTAttention in float64."""
+def edit_attention_ref(layer, x, q, k, v, grid, h=None):
+    """EDiTAttention in float64 (h: the qkv projection's input, None means x)."""
+    q, k, v = updated_qkv_ref(layer, x if h is None else h, q, k, v)
     return _merge(edit_image_image_ref(layer, x, q, k, v, grid))
 
 
-def hybrid_attention_ref(layer, x, q_txt, k_txt, v_txt, q, k, v, grid):
+def hybrid_attention_ref(layer, x, q_txt, k_txt, v_txt, q, k, v, grid, h=None):
     """HybridEDiTAttention in float64; returns (o_txt, o_img) as (B, L, C)."""
+    q, k, v = updated_qkv_ref(layer, x if h is None else h, q, k, v)
     n_img, n_txt = q.shape[1], q_txt.shape[1]
     ratio = n_img / (n_img + n_txt)
     eta = ratio
@@ -140,5 +162,11 @@ def hybrid_attention_ref(layer, x, q_txt, k_txt, v_txt, q, k, v, grid):
         eta = torch.sigmoid(math.log(ratio / (1 - ratio)) + layer.eta_offset.double()).view(1, -1, 1, 1)
     qt, kt, vt, qi, ki, vi = [_heads(t, layer.heads) for t in (q_txt, k_txt, v_txt, q, k, v)]
     o_txt = softmax_attention_ref(qt, torch.cat((kt, ki), -2), torch.cat((vt, vi), -2))
-    o_img = eta * edit_image_image_ref(layer, x, q, k, v, grid) + (1 - eta) * softmax_attention_ref(qi, kt, vt)
+    linear = linear_attention_ref(*edit_features_ref(layer, x, q, k, v, grid))
+    local = local_branch_ref(layer, v, grid)
+    soft = softmax_attention_ref(qi, kt, vt)
+    if layer.local_placement == "inside":
+        o_img = eta * (linear + local) + (1 - eta) * soft
+    else:
+        o_img = eta * linear + (1 - eta) * soft + local
     return _merge(o_txt), _merge(o_img)

@@ -59,15 +59,35 @@ class EDiTInitFromModel:
                                                 "Hybrid attention mix: token ratio N/(N+M), with a learned per-head "
                                                 "offset ('learned') or fixed ('ratio')."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF}),
+        }, "optional": {  # the student design (issue 11); the defaults are today's design
+            "cf_kernel": ("INT", {"default": 3, "min": 0, "max": 15, "tooltip":
+                                  "ConvFusion kernel size (odd); 0: no ConvFusion (q~ = ReLU(q))."}),
+            "sc_kernel": ("INT", {"default": 3, "min": 1, "max": 15, "tooltip": "k/v compressor kernel size (odd)."}),
+            "sc_stride": ("INT", {"default": 2, "min": 1, "max": 2, "tooltip":
+                                  "k/v compressor stride: 2 (4x fewer keys) or 1; 1 with sc_kernel 1: no compression."}),
+            "local_kernel": ("INT", {"default": 3, "min": 0, "max": 15, "tooltip":
+                                     "Local value branch kernel size (odd); 0: no local branch."}),
+            "local_placement": (["inside", "outside"], {"tooltip":
+                                                        "SD3: the local branch inside the eta-weighted term (its "
+                                                        "strength changes with resolution) or added outside it. "
+                                                        "PixArt has no eta: both are the same."}),
+            "cf_input": (["default", "residual", "modulated"], {"tooltip":
+                                                                "What ConvFusion reads on SD3: the block's residual "
+                                                                "stream or the modulated attention input. default: "
+                                                                "residual on SD3, modulated on PixArt (its only choice)."}),
+            "qkv_rank": ("INT", {"default": 0, "min": 0, "max": 256, "tooltip":
+                                 "Rank of a learned low-rank update of each converted layer's normalised image q/k/v "
+                                 "(read from the attention input); 0: none."}),
         }}
 
     @classmethod
     def VALIDATE_INPUTS(cls, layers):
         return check_layer_selection(layers)
 
-    def init(self, model, layers, reduction, eta_mode, seed):
+    def init(self, model, layers, reduction, eta_mode, seed, cf_input="default", **options):
         spec = model_spec(model)
-        return (init_bank(spec, select_layers(spec.layers, layers), seed=seed, reduction=reduction, eta_mode=eta_mode),)
+        return (init_bank(spec, select_layers(spec.layers, layers), seed=seed, reduction=reduction, eta_mode=eta_mode,
+                          cf_input=None if cf_input == "default" else cf_input, **options),)
 
 
 class SaveEDiT:

@@ -1,8 +1,10 @@
 """linear_attention and mm_edit_attention against explicit float64 references."""
+import math
+
 import pytest
 import torch
 
-from edit_core.attention import linear_attention, mm_edit_attention
+from edit_core.attention import linear_attention, mix_image_rows, mm_edit_attention
 from edit_core.reference import linear_attention_ref, mm_edit_attention_ref, softmax_attention_ref
 
 # Norm-wise relative error: max |fast - ref| / max |ref| (absolute where ref is all zero).
@@ -151,3 +153,24 @@ def test_gradcheck_mm_edit_attention():
         t.data.add_(0.1)
     eta = torch.rand(1, 2, 1, 1, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *a: mm_edit_attention(*a[:-1], eta=a[-1]), (*inputs, eta))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n_img", [4096, 16384, 65536])
+def test_mix_image_rows_prompt_weight_at_real_token_ratios(n_img, dtype):
+    # Issue 11: eta as a float32 tensor near 1 (a learned eta); with the image-image part zero
+    # the image rows are (1 - eta) * softmax, held against float64 on sampled rows.
+    b, h, d, n_txt = 1, 2, 8, 333
+    q_img, k_txt, v_txt = (torch.randn(b, h, n, d).to(dtype) for n in (n_img, n_txt, n_txt))
+    eta = torch.sigmoid(math.log(n_img / n_txt) + torch.tensor([0.3, -0.2])).view(1, h, 1, 1)
+    out = mix_image_rows(q_img, k_txt, v_txt, torch.zeros_like(q_img), eta)
+    rows = torch.randperm(n_img)[:256]
+    ref = (1 - eta.double()) * softmax_attention_ref(q_img[:, :, rows], k_txt, v_txt)
+    tol = {torch.float16: 5e-3, torch.bfloat16: 2e-2}[dtype]
+    assert out.dtype == dtype and rel_err(out[:, :, rows], ref) < tol
+    # Before the fix the lerp weight was eta cast to the tensor's dtype.
+    old = torch.lerp(softmax_attention_ref(q_img[:, :, rows], k_txt, v_txt).to(dtype),
+                     torch.zeros(b, h, 256, d, dtype=dtype), eta.to(dtype))
+    old_weight_error = ((1 - eta.to(dtype).double()) / (1 - eta.double()) - 1).abs().max().item()
+    if old_weight_error > 2 * tol:
+        assert rel_err(old, ref) > tol

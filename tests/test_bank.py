@@ -1,6 +1,7 @@
 """The EDiT bank and its safetensors file: round trip, and every way a file can be wrong."""
 import json
 import re
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -178,7 +179,8 @@ def edit_hparams(meta, **changes):
                                                                "layer names.*found 'blocks.0.attn'"),
     (lambda m: {**m, "family": "flux"}, "field 'family' must be one of sd3, pixart, found 'flux'"),
     (lambda m: edit_hparams(m, extra=1), "field 'hparams' must be an object with the keys cf_kernel, eta_mode, "
-                                         r"local_kernel, reduction, sc_kernel, found \['extra'\]"),
+                                         "local_kernel, reduction, sc_kernel and optionally cf_input, "
+                                         r"local_placement, qkv_rank, sc_stride, found \['extra'\]"),
 ], ids=["heads=-2", "reduction=0", "sc_kernel=2", "empty-layer-name", "layers-not-a-list", "reduction-a-string",
         "kernel-a-bool", "eta_mode-null", "training-a-list", "full-width-digits", "no-depth", "heads-not-dividing",
         "duplicate-layers", "layer-of-another-family", "unknown-family", "unknown-hparam"])
@@ -284,3 +286,116 @@ def test_banks_at_the_limits_of_their_hyper_parameters_round_trip(tmp_path, hpar
 def test_init_rejects_unknown_layers():
     with pytest.raises(EDiTError, match=r"\['joint_blocks.1.attn2'\] are not attention layers"):
         init_bank(SPEC, layers=["joint_blocks.1.attn2"])
+
+
+# Issue 11: the student-design options as bank hyper-parameters.
+PIXART_SPEC = ModelSpec("pixart", 64, 2, 2, ("blocks.0.attn", "blocks.1.attn"))
+OPTIONS = [dict(local_placement="outside"), dict(cf_kernel=0), dict(sc_kernel=1, sc_stride=1), dict(sc_stride=1),
+           dict(cf_input="modulated"), dict(qkv_rank=8), dict(qkv_rank=256),
+           dict(local_placement="outside", cf_kernel=0, sc_kernel=1, sc_stride=1, cf_input="modulated", qkv_rank=2)]
+
+
+@pytest.mark.parametrize("spec", [SPEC, PIXART_SPEC], ids=["sd3", "pixart"])
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_student_options_round_trip(tmp_path, spec, options):
+    bank = randomized_bank(init_bank(spec, **options))
+    save_bank(bank, tmp_path / "b.safetensors")
+    loaded = load_bank(tmp_path / "b.safetensors")
+    assert loaded.config == bank.config
+    stored = json.loads(read(tmp_path / "b.safetensors")[1]["hparams"])
+    for key, value in options.items():
+        assert getattr(loaded.config, key) == value
+        # PixArt's ConvFusion always reads the modulated input: its default, left out of the file.
+        assert stored.get(key) == value or (key, value, spec.family) == ("cf_input", "modulated", "pixart")
+    t, tl = bank.tensors(), loaded.tensors()
+    assert t.keys() == tl.keys() and all(torch.equal(t[k], tl[k]) for k in t)
+    layer = spec.layers[0]
+    assert any(k.startswith(f"{layer}.cf.") for k in t) == (options.get("cf_kernel", 3) != 0)
+    assert (f"{layer}.qkv_update.up" in t) == (options.get("qkv_rank", 0) > 0)
+    if options.get("qkv_rank"):
+        assert t[f"{layer}.qkv_update.down"].shape == (3 * options["qkv_rank"], spec.hidden_size)
+
+
+def test_a_default_bank_stores_only_the_hyper_parameters_of_before(tmp_path):
+    save_bank(init_bank(SPEC), tmp_path / "b.safetensors")
+    assert set(json.loads(read(tmp_path / "b.safetensors")[1]["hparams"])) == {
+        "reduction", "cf_kernel", "sc_kernel", "local_kernel", "eta_mode"}
+
+
+@pytest.mark.parametrize("spec,cf_input", [(SPEC, "residual"), (PIXART_SPEC, "modulated")], ids=["sd3", "pixart"])
+def test_a_bank_written_before_the_options_loads_as_todays_design(tmp_path, spec, cf_input):
+    path = tmp_path / "old.safetensors"
+    bank = randomized_bank(init_bank(spec))
+    save_bank(bank, path)
+    tensors, meta = read(path)
+    old = {"reduction": 32, "cf_kernel": 3, "sc_kernel": 3, "local_kernel": 3, "eta_mode": "learned"}
+    rewrite(path, tensors, {**meta, "hparams": json.dumps(old)})  # exactly what earlier versions wrote
+    config = load_bank(path).config
+    assert (config.sc_stride, config.qkv_rank, config.local_placement, config.cf_input) == (2, 0, "inside", cf_input)
+    assert config == bank.config
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(cf_kernel=2), r"'hparams.cf_kernel' must be an odd whole number from 1 to 15 or 0 \(no ConvFusion\), found 2"),
+    (dict(sc_stride=3), r"'hparams.sc_stride' must be 1 or 2 \(1: no compression with sc_kernel 1\), found 3"),
+    (dict(sc_stride="2"), "'hparams.sc_stride' must be 1 or 2.*, found '2'"),
+    (dict(qkv_rank=-1), r"'hparams.qkv_rank' must be a whole number from 0 to 256 \(0: no low-rank q/k/v update\), "
+                        "found -1"),
+    (dict(qkv_rank=257), "'hparams.qkv_rank' must be a whole number from 0 to 256.*found 257"),
+    (dict(qkv_rank=4.0), "'hparams.qkv_rank' must be a whole number from 0 to 256.*found 4.0"),
+    (dict(local_placement="middle"), "'hparams.local_placement' must be one of inside, outside, found 'middle'"),
+    (dict(cf_input="raw"), "'hparams.cf_input' must be one of residual, modulated, found 'raw'"),
+    (dict(cf_input=None), "'hparams.cf_input' must be one of residual, modulated, found None"),
+], ids=["cf_kernel=2", "sc_stride=3", "sc_stride-a-string", "qkv_rank=-1", "qkv_rank=257", "qkv_rank-a-float",
+        "local_placement", "cf_input", "cf_input-null"])
+def test_refuses_bad_student_options(saved, change, message):
+    _, meta = read(saved)
+    rewrite(saved, metadata=edit_hparams(meta, **change))
+    with pytest.raises(EDiTError, match=message) as err:
+        load_bank(saved)
+    assert str(err.value).startswith(f"{saved}: bank metadata field 'hparams.")
+    assert str(err.value).endswith("make this one again with EDiT Distill and Save EDiT.")
+
+
+def test_refuses_a_pixart_bank_whose_convfusion_reads_the_residual_stream(tmp_path):
+    path = tmp_path / "pixart.safetensors"
+    save_bank(init_bank(PIXART_SPEC), path)
+    _, meta = read(path)
+    rewrite(path, metadata=edit_hparams(meta, cf_input="residual"))
+    with pytest.raises(EDiTError, match=r"'hparams.cf_input' must be 'modulated' for pixart .*found 'residual'"):
+        load_bank(path)
+    with pytest.raises(EDiTError, match=r"cf_input 'residual': must be 'modulated' for pixart"):
+        init_bank(PIXART_SPEC, cf_input="residual")
+
+
+@pytest.mark.parametrize("hparams,message", [
+    (dict(sc_stride=4), r"sc_stride 4: must be 1 or 2"),
+    (dict(qkv_rank=1000), r"qkv_rank 1000: must be a whole number from 0 to 256"),
+    (dict(local_placement="after"), "local_placement 'after': must be one of inside, outside"),
+    (dict(cf_input="normed"), "cf_input 'normed': must be one of residual, modulated"),
+])
+def test_init_refuses_bad_student_options(hparams, message):
+    with pytest.raises(EDiTError, match=message):
+        init_bank(SPEC, **hparams)
+
+
+def test_init_node_offers_the_student_options_with_todays_design_as_default():
+    from test_server import pack_mappings  # the pack imported as ComfyUI imports it
+    node = pack_mappings()[0]["EDiTInitFromModel"]
+    optional = node.INPUT_TYPES()["optional"]
+    assert set(optional) == {"cf_kernel", "sc_kernel", "sc_stride", "local_kernel", "local_placement", "cf_input",
+                             "qkv_rank"}
+    assert all(spec[1]["tooltip"] for spec in optional.values())
+    model = tiny_models.sd3_patcher(depth=2, mmditx_layers=(0,))
+    widget_defaults = {k: spec[1]["default"] if "default" in spec[1] else spec[0][0] for k, spec in optional.items()}
+    (bank,) = node().init(model, "all", 32, "learned", 0, **widget_defaults)
+    # The pack's own copy of edit_core (imported as a package): compare values, not classes.
+    assert asdict(bank.config) == asdict(init_bank(model_spec(model)).config)
+    (bank,) = node().init(model, "0", 32, "learned", 0, cf_kernel=0, sc_kernel=1, sc_stride=1, local_kernel=0,
+                          local_placement="outside", cf_input="modulated", qkv_rank=2)
+    c = bank.config
+    assert (c.layers, c.cf_kernel, c.sc_kernel, c.sc_stride, c.local_kernel, c.local_placement, c.cf_input,
+            c.qkv_rank) == (("joint_blocks.0.attn", "joint_blocks.0.attn2"), 0, 1, 1, 0, "outside", "modulated", 2)
+    with pytest.raises(ValueError, match="cf_kernel 2: must be an odd whole number") as err:
+        node().init(model, "all", 32, "learned", 0, cf_kernel=2)
+    assert type(err.value).__name__ == "EDiTError"

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from edit_core import tiny_models
-from edit_core.bank import init_bank
+from edit_core.bank import init_bank, load_bank
 from edit_core.comfy_model import conditioning_dims, diffusion_model, model_spec
 from edit_core.distill.cache import (TeacherData, cond_bytes, image_bytes, image_jobs, stored_states,
                                      teacher_data_bytes)
@@ -244,3 +244,15 @@ def test_cli_refuses_a_run_that_does_not_fit_the_device_memory_before_any_work(t
     assert not list((tmp_path / "work").glob("teacher-*/*.safetensors"))
     fits = cli(tmp_path, "--train-steps", "4", "--device-memory", "24GiB", output="fits.safetensors")
     assert fits.returncode == 0, fits.stdout + fits.stderr
+
+
+def test_cli_student_design_options_reach_the_bank_and_train(tmp_path):
+    # Issue 11: every student option from the command line, through layer-wise and end-to-end steps.
+    done = cli(tmp_path, "--train-steps", "2", "--seeds", "0", "--cf-kernel", "0", "--sc-kernel", "1", "--sc-stride",
+               "1", "--local-placement", "outside", "--cf-input", "modulated", "--qkv-rank", "4")
+    assert done.returncode == 0, done.stdout + done.stderr
+    bank = load_bank(tmp_path / "bank.safetensors")
+    config = bank.config
+    assert (config.cf_kernel, config.sc_kernel, config.sc_stride, config.local_placement, config.cf_input,
+            config.qkv_rank) == (0, 1, 1, "outside", "modulated", 4)
+    assert any(torch.count_nonzero(t) for k, t in bank.tensors().items() if k.endswith("qkv_update.up"))

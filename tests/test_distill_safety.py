@@ -196,6 +196,9 @@ def test_cli_refuses_missing_files_and_unwritable_outputs_before_loading_anythin
         (["--model", str(model), "--prompts", str(prompts), "--output", str(blocker / "bank.safetensors")],
          "--output", "is a file, not a folder"),
         (["--model", str(model), *base, "--cfg", "nan"], "cfg", "finite"),
+        (["--model", str(model), *base, "--cf-kernel", "2"], "--cf-kernel 2",
+         "must be an odd whole number from 1 to 15 or 0 (no ConvFusion)"),
+        (["--model", str(model), *base, "--qkv-rank", "999"], "--qkv-rank 999", "must be a whole number from 0 to 256"),
     ]
     for args, flag, why in cases:
         done = run_cli(*args, timeout=60)

@@ -1,13 +1,17 @@
 """ConvFusion, SpatialCompressor and the EDiT layers against float64 references."""
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from torch.func import functional_call
 
 from edit_core.modules import (ConvFusion, EDiTAttention, HybridEDiTAttention, LocalValueConv, SpatialCompressor,
                                compressed_grid, merge_heads, split_heads)
 from edit_core.reference import (conv_fusion_ref, edit_attention_ref, hybrid_attention_ref,
-                                 linear_attention_ref, local_value_ref, spatial_compressor_ref)
+                                 linear_attention_ref, local_value_ref, softmax_attention_ref,
+                                 spatial_compressor_ref)
 
 from test_attention import FP32_TOL, rel_err
 
@@ -190,3 +194,170 @@ def test_grad_flows_to_every_edit_parameter():
     o_txt, o_img = layer(x, *txt, q, k, v, (5, 7))
     o_img.square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
+
+
+# Issue 11: the prompt weight 1 - eta at SD3's real token ratios: 1024, 2048 and 4096 px give
+# 4096, 16384 and 65536 image tokens, against 333 prompt tokens. With the image-image part
+# zeroed (SC(v) = 0, local branch untrained) the image rows are exactly (1 - eta) * softmax(
+# q_img, k_txt, v_txt): the prompt-weighted part alone, held against float64 on sampled rows.
+PROMPT_WEIGHT_TOL = {torch.float16: 5e-3, torch.bfloat16: 2e-2}
+N_TXT = 333
+
+
+@pytest.mark.parametrize("eta_mode", ["learned", "ratio"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("side", [64, 128, 256])
+def test_prompt_weight_is_right_at_real_token_ratios_in_low_precision(side, dtype, eta_mode):
+    heads, d, grid = 2, 8, (side, side)
+    c, n = heads * d, side * side
+    layer = HybridEDiTAttention(c, heads, reduction=4, eta_mode=eta_mode)
+    with torch.no_grad():
+        layer.sc_v.weight.zero_()
+        if eta_mode == "learned":
+            layer.eta_offset.copy_(torch.tensor([0.3, -0.2]))
+    gen = torch.Generator().manual_seed(side)
+    x, q, k, v = (torch.randn(1, n, c, generator=gen).to(dtype) for _ in range(4))
+    txt = [torch.randn(1, N_TXT, c, generator=gen).to(dtype) for _ in range(3)]
+    _, o_img = layer(x, *txt, q, k, v, grid, prompt_rows=False)
+
+    logit = torch.full((heads,), math.log(n / N_TXT), dtype=torch.float64)
+    if eta_mode == "learned":
+        logit = logit + layer.eta_offset.double()
+    rest = torch.sigmoid(-logit).view(1, -1, 1, 1)
+    rows = torch.randperm(n, generator=gen)[:256]
+    qi, kt, vt = split_heads(q, heads)[:, :, rows], split_heads(txt[1], heads), split_heads(txt[2], heads)
+    soft_ref = softmax_attention_ref(qi, kt, vt)
+    tol = PROMPT_WEIGHT_TOL[dtype]
+    assert rel_err(split_heads(o_img, heads)[:, :, rows], rest * soft_ref) < tol
+
+    # The formula before the fix: a lerp towards the softmax part with 1 - eta computed after
+    # eta was cast to the activations' dtype. Where that weight is off by more than twice the
+    # tolerance, the same check fails on it: this test would catch the old code.
+    eta = layer.eta(n, N_TXT)
+    old_weight = 1 - (eta.to(dtype) if torch.is_tensor(eta) else eta)
+    old_rows = torch.zeros_like(qi).lerp_(F.scaled_dot_product_attention(qi, kt, vt), old_weight)
+    weight_error = ((torch.as_tensor(old_weight).double() - rest).abs() / rest).max().item()
+    if weight_error > 2 * tol:
+        assert rel_err(old_rows, rest * soft_ref) > tol
+
+
+# Issue 11's student variants, each against its float64 reference: odd grids, batch 2.
+VARIANTS = {
+    "local-outside": dict(local_placement="outside"),
+    "no-convfusion": dict(cf_kernel=0),
+    "no-compression": dict(sc_kernel=1, sc_stride=1),
+    "stride-1": dict(sc_stride=1),
+    "qkv-rank-4": dict(qkv_rank=4),
+    "all": dict(local_placement="outside", cf_kernel=0, sc_kernel=1, sc_stride=1, qkv_rank=3),
+}
+VARIANT_GRIDS = [((1, 1), 1), ((7, 5), 11), ((3, 13), 6)]
+
+
+def variant_layer(kind, options, c, heads):
+    if kind == "linear":
+        options = {k: v for k, v in options.items() if k != "local_placement"}
+        return randomize(EDiTAttention(c, heads, reduction=4, **options), scale=0.3)
+    return randomize(HybridEDiTAttention(c, heads, reduction=4, **options), scale=0.3)
+
+
+def run_variant(layer, x, txt, q, k, v, grid, h):
+    if isinstance(layer, HybridEDiTAttention):
+        return layer(x, *txt, q, k, v, grid, h=h), hybrid_attention_ref(layer, x, *txt, q, k, v, grid, h=h)
+    return (None, layer(x, q, k, v, grid, h=h)), (None, edit_attention_ref(layer, x, q, k, v, grid, h=h))
+
+
+@pytest.mark.parametrize("kind", ["hybrid", "linear"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("grid,n_txt", VARIANT_GRIDS)
+def test_student_variants_match_reference(grid, n_txt, variant, kind):
+    heads, d, b = 2, 8, 2
+    c, n = heads * d, grid[0] * grid[1]
+    layer = variant_layer(kind, VARIANTS[variant], c, heads)
+    x, h, q, k, v = (torch.randn(b, n, c) for _ in range(5))  # h: the qkv projection's input, not x
+    txt = [torch.randn(b, n_txt, c) for _ in range(3)]
+    (o_txt, o_img), (r_txt, r_img) = run_variant(layer, x, txt, q, k, v, grid, h)
+    assert o_img.shape == (b, n, c)
+    assert rel_err(o_img, r_img) < FP32_TOL
+    if o_txt is not None:
+        assert rel_err(o_txt, r_txt) < FP32_TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_student_variants_low_precision(variant, dtype):
+    heads, d, grid, b = 4, 32, (9, 7), 2
+    c, n = heads * d, grid[0] * grid[1]
+    layer = variant_layer("hybrid", VARIANTS[variant], c, heads)
+    with torch.no_grad():  # a rank-r update of magnitude like q's own, not r times larger
+        if layer.qkv_update is not None:
+            layer.qkv_update.down.mul_(0.2)
+    low = [t.to(dtype) for t in (torch.randn(b, n, c) for _ in range(5))]
+    txt = [torch.randn(b, 20, c).to(dtype) for _ in range(3)]
+    x, h, q, k, v = low
+    (o_txt, o_img), (r_txt, r_img) = run_variant(layer, x, txt, q, k, v, grid, h)
+    for o, r in ((o_txt, r_txt), (o_img, r_img)):
+        assert o.dtype == dtype and torch.isfinite(o).all()
+        assert rel_err(o, r) < LAYER_LOW_PRECISION_TOL[dtype]
+
+
+def test_local_placement_outside_keeps_the_local_branch_out_of_the_eta_weight():
+    heads, c, grid, n_txt = 2, 16, (5, 7), 9
+    inside = randomize(HybridEDiTAttention(c, heads, reduction=4), scale=0.3)
+    outside = HybridEDiTAttention(c, heads, reduction=4, local_placement="outside")
+    outside.load_state_dict(inside.state_dict())
+    x, q, k, v = (torch.randn(2, 35, c) for _ in range(4))
+    txt = [torch.randn(2, n_txt, c) for _ in range(3)]
+    local = split_heads(inside.local(v, grid), heads)
+    eta = inside.eta(35, n_txt)
+    difference = split_heads(outside(x, *txt, q, k, v, grid)[1] - inside(x, *txt, q, k, v, grid)[1], heads)
+    assert rel_err(difference, (1 - eta.double()) * local.double()) < FP32_TOL
+
+
+def test_untrained_uncompressed_layer_without_convfusion_is_relu_linear_attention_over_q_k_v():
+    heads, d, grid = 2, 8, (5, 3)
+    c, n = heads * d, 15
+    layer = EDiTAttention(c, heads, cf_kernel=0, sc_kernel=1, sc_stride=1)
+    assert layer.cf is None and not any(name.startswith("cf.") for name in layer.state_dict())
+    x, q, k, v = (torch.randn(2, n, c) for _ in range(4))
+    expected = linear_attention_ref(torch.relu(split_heads(q.double(), heads)), torch.relu(split_heads(k.double(), heads)),
+                                    split_heads(v.double(), heads))
+    assert rel_err(layer(x, q, k, v, grid), merge_heads(expected)) < FP32_TOL
+
+
+@pytest.mark.parametrize("grid", [(1, 1), (4, 7), (9, 9)])
+def test_stride_1_compressor_keeps_the_grid(grid):
+    sc = randomize(SpatialCompressor(6, 3, stride=1))
+    x = torch.randn(2, grid[0] * grid[1], 6)
+    assert compressed_grid(grid, 1) == grid and sc(x, grid).shape == x.shape
+    assert rel_err(sc(x, grid), spatial_compressor_ref(sc, x, grid)) < FP32_TOL
+    identity = SpatialCompressor(6, 1, stride=1)
+    assert torch.equal(identity(x, grid), x)
+
+
+def test_untrained_qkv_update_changes_nothing_and_then_learns():
+    heads, c, grid = 2, 16, (5, 7)
+    plain = randomize(HybridEDiTAttention(c, heads, reduction=4), scale=0.3)
+    lora = HybridEDiTAttention(c, heads, reduction=4, qkv_rank=4)
+    lora.load_state_dict(plain.state_dict(), strict=False)
+    assert torch.equal(lora.qkv_update.up, torch.zeros(3, c, 4)) and lora.qkv_update.down.abs().sum() > 0
+    x, h, q, k, v = (torch.randn(2, 35, c) for _ in range(5))
+    txt = [torch.randn(2, 6, c) for _ in range(3)]
+    for a, b in zip(lora(x, *txt, q, k, v, grid, h=h), plain(x, *txt, q, k, v, grid)):
+        assert torch.equal(a, b)
+    lora(x, *txt, q, k, v, grid, h=h)[1].square().mean().backward()
+    assert lora.qkv_update.up.grad.abs().sum() > 0
+
+
+def test_gradcheck_hybrid_attention_with_every_option():
+    layer = HybridEDiTAttention(4, 2, reduction=2, local_placement="outside", sc_stride=1, qkv_rank=2)
+    names = [n for n, _ in layer.named_parameters()]
+    layer = randomize(layer, scale=0.3).double()
+    params = [p.detach().clone().requires_grad_() for p in layer.parameters()]
+    x, h, q, k, v = (torch.randn(1, 6, 4, dtype=torch.float64, requires_grad=True) for _ in range(5))
+    txt = [torch.randn(1, 3, 4, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+
+    def run(x, h, q, k, v, *rest):
+        p = rest[3:]
+        return functional_call(layer, dict(zip(names, p)), (x, *rest[:3], q, k, v, (2, 3)), {"h": h})
+
+    assert torch.autograd.gradcheck(run, (x, h, q, k, v, *txt, *params))

@@ -13,8 +13,10 @@ from edit_core import tiny_models
 from edit_core.bank import EDiTError, init_bank
 from edit_core.comfy_model import model_spec
 from edit_core.modules import merge_heads, split_heads
+from edit_core.distill.losses import StudentLoss
 from edit_core.patcher import (STUDENT, TEACHER, EditOptions, EditState, PixArtAttentionPatch, SD3BlockPatch,
-                               apply_edit, call_model, edit_bank_of, layer_inputs)
+                               apply_edit, call_model, edit_bank_of, layer_inputs, sd3_modulated_input,
+                               sd3_pre_attention)
 from edit_core.reference import edit_attention_ref, hybrid_attention_ref, softmax_attention_ref
 
 from model_helpers import pixart_inputs, randomized_bank, run, sd3_inputs, sd15_patcher
@@ -98,8 +100,17 @@ def test_patching_a_clone_leaves_the_base_model_untouched(family, sd3, pixart):
     assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
 
 
-def sd3_block_reference(block, layer, layer2, context, x, c, grid):
-    """The whole SD3 joint block in float64: core pre/post attention, reference EDiT formulas."""
+def modulated_input_ref(xb, x, c, second):
+    """norm1(x) * (1 + scale) + shift with the x block's (attn2: second) adaLN shift and scale."""
+    chunks = xb.adaLN_modulation(c).chunk(9 if xb.x_block_self_attn else 6, dim=1)
+    shift, scale = chunks[6:8] if second else chunks[:2]
+    return xb.norm1(x) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def sd3_block_reference(block, layer, layer2, context, x, c, grid, cf_input="residual"):
+    """The whole SD3 joint block in float64: core pre/post attention, reference EDiT formulas;
+    ConvFusion reads the residual stream x or the modulated attention input (``cf_input``), the
+    low-rank q/k/v update (if any) the modulated input."""
     block = copy.deepcopy(block).double()
     cb, xb = block.context_block, block.x_block
     context, x, c = context.double(), x.double(), c.double()
@@ -109,11 +120,14 @@ def sd3_block_reference(block, layer, layer2, context, x, c, grid):
         x_qkv, x_qkv2, x_inter = xb.pre_attention_x(x, c)
     else:
         (x_qkv, x_inter), x_qkv2 = xb.pre_attention(x, c), None
-    o_txt, o_img = hybrid_attention_ref(layer, x, *flat(ctx_qkv), *flat(x_qkv), grid)
+    h = modulated_input_ref(xb, x, c, False)
+    o_txt, o_img = hybrid_attention_ref(layer, h if cf_input == "modulated" else x, *flat(ctx_qkv), *flat(x_qkv),
+                                        grid, h=h)
     context = None if cb.pre_only else cb.post_attention(o_txt, *ctx_inter)
     if x_qkv2 is None:
         return context, xb.post_attention(o_img, *x_inter)
-    attn2 = edit_attention_ref(layer2, x, *flat(x_qkv2), grid)
+    h2 = modulated_input_ref(xb, x, c, True)
+    attn2 = edit_attention_ref(layer2, h2 if cf_input == "modulated" else x, *flat(x_qkv2), grid, h=h2)
     return context, xb.post_attention_x(o_img, attn2, *x_inter)
 
 
@@ -364,3 +378,69 @@ def test_unsupported_model_gets_a_clear_error():
     with pytest.raises(EDiTError, match="SD3/SD3.5 .*PixArt.*UNetModel"):
         apply_edit(model, init_bank(model_spec(tiny_models.sd3_patcher())))
     assert model.object_patches == {}
+
+
+# Issue 11: ConvFusion reading the modulated attention input, and the low-rank q/k/v update.
+SD3_OPTIONS = [dict(cf_input="modulated"), dict(qkv_rank=4),
+               dict(cf_input="modulated", qkv_rank=3, local_placement="outside", cf_kernel=0, sc_kernel=1, sc_stride=1)]
+
+
+def test_modulated_input_is_what_core_projects(sd3):
+    dm = sd3.model.diffusion_model
+    c = dm.hidden_size
+    context, x, vec = torch.randn(2, 7, c), torch.randn(2, 35, c), torch.randn(2, c)
+    for block in dm.joint_blocks:
+        xb = block.x_block
+        _, _, x_qkv, x_qkv2, _ = sd3_pre_attention(block, context, x, vec)
+        with torch.no_grad():
+            assert all(torch.equal(a.reshape(b.shape), b) for a, b in
+                       zip(xb.attn.pre_attention(sd3_modulated_input(xb, x, vec)), x_qkv))
+            if x_qkv2 is not None:
+                assert all(torch.equal(a.reshape(b.shape), b) for a, b in
+                           zip(xb.attn2.pre_attention(sd3_modulated_input(xb, x, vec, second=True)), x_qkv2))
+
+
+@pytest.mark.parametrize("options", SD3_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_sd3_patched_blocks_with_student_options_match_float64_reference(sd3, options):
+    dm = sd3.model.diffusion_model
+    bank = randomized_bank(init_bank(model_spec(sd3), **options), scale=0.3)
+    c, grid, n_txt = dm.hidden_size, (5, 7), 9
+    for i, block in enumerate(dm.joint_blocks):
+        layer = bank.layer(f"joint_blocks.{i}.attn")
+        layer2 = bank.layer(f"joint_blocks.{i}.attn2") if block.x_block.x_block_self_attn else None
+        state = EditState()
+        patch = SD3BlockPatch(block.forward, block, i, layer, layer2, state, cf_input=bank.config.cf_input,
+                              qkv_update=bank.config.qkv_rank > 0)
+        context, x, vec = torch.randn(2, n_txt, c), torch.randn(2, 35, c), torch.randn(2, c)
+        with torch.no_grad(), state.running(True, grid) as to:
+            out_ctx, out_x = patch(context, x, c=vec, use_checkpoint=False, transformer_options=to)
+            ref_ctx, ref_x = sd3_block_reference(block, layer, layer2, context, x, vec, grid, bank.config.cf_input)
+        assert rel_err(out_x, ref_x) < FP32_TOL
+        if not block.context_block.pre_only:
+            assert rel_err(out_ctx, ref_ctx) < FP32_TOL
+
+
+PIXART_OPTIONS = dict(qkv_rank=3, local_placement="outside", cf_kernel=0, sc_kernel=1, sc_stride=1)
+
+
+@pytest.mark.parametrize("family,options", [("sd3", o) for o in SD3_OPTIONS] + [("pixart", PIXART_OPTIONS)],
+                         ids=lambda o: o if isinstance(o, str) else ",".join(f"{k}={v}" for k, v in o.items()))
+def test_student_options_keep_teacher_and_disabled_bit_identical_and_replay_for_distillation(sd35, pixart, family,
+                                                                                            options):
+    base = sd35 if family == "sd3" else pixart
+    bank = randomized_bank(init_bank(model_spec(base), **options))
+    inputs = family_inputs(base)
+    original = run(base, inputs)
+    patched = apply_edit(base, bank)
+    assert torch.equal(run(apply_edit(base, bank, EditOptions(enabled=False)), inputs), original)
+    assert torch.equal(run(patched, inputs, edit_mode=TEACHER), original)
+    captured = {}
+    student = run(patched, inputs, edit_capture=lambda name, grid, tensors: captured.setdefault(name, (grid, tensors)))
+    assert not torch.allclose(student, original, atol=1e-3)
+    assert set(captured) == set(bank.config.layers)
+    # Layer-wise distillation replays each layer from the captured block inputs: it must feed
+    # the layer what the patched model fed it.
+    loss = StudentLoss(bank, patched)
+    with torch.no_grad():
+        for name, (grid, tensors) in captured.items():
+            assert loss.layer_loss(name, tensors, grid) < 1e-10, name

@@ -44,6 +44,19 @@ def build_parser():
     g.add_argument("--layers", default="all", help="layers of an untrained bank: 'all' or e.g. '0-12'")
     g.add_argument("--reduction", type=int, default=32, help="ConvFusion reduction r of an untrained bank")
     g.add_argument("--eta-mode", choices=["learned", "ratio"], default="learned", help="eta of an untrained bank")
+    s = p.add_argument_group("student design of an untrained bank (stored in the bank; see docs/design.md)")
+    s.add_argument("--cf-kernel", type=int, default=3, help="ConvFusion kernel size (odd); 0: no ConvFusion")
+    s.add_argument("--sc-kernel", type=int, default=3, help="k/v compressor kernel size (odd)")
+    s.add_argument("--sc-stride", type=int, choices=[1, 2], default=2,
+                   help="k/v compressor stride; 1 with --sc-kernel 1: no compression")
+    s.add_argument("--local-kernel", type=int, default=3, help="local value branch kernel size (odd); 0: none")
+    s.add_argument("--local-placement", choices=["inside", "outside"], default="inside",
+                   help="SD3: the local branch inside the eta-weighted term or added outside it (PixArt: the same)")
+    s.add_argument("--cf-input", choices=["family", "residual", "modulated"], default="family",
+                   help="what ConvFusion reads on SD3: the block's residual stream or the modulated attention input; "
+                        "family: residual on SD3, modulated on PixArt (its only choice)")
+    s.add_argument("--qkv-rank", type=int, default=0, help="rank of a low-rank update of the converted layers' "
+                   "normalised image q/k/v; 0: none")
     g.add_argument("--latents", help="safetensors file with a 'latent' tensor (B, C, h, w) for the task loss")
     g.add_argument("--comfyui", help="ComfyUI folder (default: $EDIT_COMFYUI_DIR or the one this pack is in)")
     d = p.add_argument_group("teacher data")
@@ -109,9 +122,28 @@ def check_files(args) -> Optional[str]:
     return None
 
 
+BANK_OPTIONS = ("reduction", "eta_mode", "cf_kernel", "sc_kernel", "sc_stride", "local_kernel", "local_placement",
+                "cf_input", "qkv_rank")
+
+
+def bank_options(args) -> dict:
+    """init_bank's hyper-parameters from the command line (cf_input "family": left to the
+    model's family); a value no bank could hold is an EDiTError, before anything loads."""
+    from ..bank import EDiTError, hparam_problem
+    options = {key: getattr(args, key) for key in BANK_OPTIONS}
+    if options["cf_input"] == "family":
+        del options["cf_input"]
+    for key, value in options.items():
+        problem = hparam_problem(key, value)
+        if problem:
+            raise EDiTError(f"--{key.replace('_', '-')} {value}: must be {problem}")
+    return options
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        options = bank_options(args)
         resolutions, seeds = parse_resolutions(args.resolutions), parse_ints(args.seeds)
         config = DistillConfig(
             resolutions=resolutions, seeds=seeds, sampler=args.sampler, scheduler=args.scheduler,
@@ -183,8 +215,7 @@ def main(argv=None):
         if args.init_bank:
             bank = load_bank(args.init_bank)
         else:
-            bank = init_bank(spec, select_layers(spec.layers, args.layers), seed=args.seed,
-                             reduction=args.reduction, eta_mode=args.eta_mode)
+            bank = init_bank(spec, select_layers(spec.layers, args.layers), seed=args.seed, **options)
         latents = load_file(args.latents)["latent"] if args.latents else None
         out = Path(args.output)
         work_dir = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".work")

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from ..bank import EDiTBank, layer_kind
 from ..comfy_model import diffusion_model
-from ..patcher import STUDENT, TEACHER, call_model, layer_inputs
+from ..patcher import STUDENT, TEACHER, call_model, edit_layer_args, layer_inputs
 
 
 @dataclass
@@ -59,15 +59,18 @@ class StudentLoss(nn.Module):
 
     def layer_output(self, name: str, inputs: Dict[str, torch.Tensor], grid) -> torch.Tensor:
         layer = self.bank.layer(name)
+        x, h = edit_layer_args(self.bank.config.cf_input, inputs["x"], inputs["h"])  # as the patched model reads
         if layer_kind(self.bank.config.family, name) == "hybrid":
-            return layer(inputs["x"], inputs["q_txt"], inputs["k_txt"], inputs["v_txt"], inputs["q"], inputs["k"],
-                         inputs["v"], grid, prompt_rows=False)[1]
-        return layer(inputs["x"], inputs["q"], inputs["k"], inputs["v"], grid)
+            return layer(x, inputs["q_txt"], inputs["k_txt"], inputs["v_txt"], inputs["q"], inputs["k"],
+                         inputs["v"], grid, prompt_rows=False, h=h)[1]
+        return layer(x, inputs["q"], inputs["k"], inputs["v"], grid, h=h)
 
     def layer_loss(self, name: str, tensors: Dict[str, torch.Tensor], grid) -> torch.Tensor:
         """A layer's loss on the teacher's inputs to it (``tensors``: what the sink got)."""
         with torch.no_grad():
-            inputs = layer_inputs(diffusion_model(self.trainer), name, tensors)
+            config = self.bank.config
+            inputs = layer_inputs(diffusion_model(self.trainer), name, tensors,
+                                  modulated=config.cf_input == "modulated" or config.qkv_rank > 0)
         return relative_mse(self.layer_output(name, inputs, grid), tensors["out"])
 
     def layerwise(self, example: Example, weight: float, layers: Collection[str], backward: bool = True):
