@@ -3,12 +3,12 @@
 # scripts/host.sh), from any folder:
 #   bash scripts/edit.sh batch workflows/api/sd35_medium_edit.json --tiny ...
 #   bash scripts/edit.sh distill --help
-# TOOL is a module under edit_core (bench, bench.profile, distill, distill.benchmark, batch,
+# TOOL is a module under edit_core (bench, bench.profile, distill, distill.benchmark, fidelity, batch,
 # example) or `plan` (edit_core.distill.plan); the rest goes to `python -m edit_core.TOOL`.
 # With EDIT_COMFYUI_DIR and EDIT_PYTHON set, your own ComfyUI and Python are used instead.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-tools="bench, bench.profile, distill, distill.benchmark, plan, batch, example"
+tools="bench, bench.profile, distill, distill.benchmark, fidelity, plan, batch, example"
 usage="usage: bash scripts/edit.sh TOOL [options]   (TOOL: $tools; TOOL --help lists its options)"
 if [ $# -eq 0 ]; then
   echo "$usage" >&2

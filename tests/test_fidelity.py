@@ -121,3 +121,18 @@ def test_quick_study_writes_tables_and_pictures(tmp_path):
             assert hi - lo > 100  # real emoji beside the samples: not a blank picture
     assert "| (a) today's default |" in text and "| (b) no local branch |" in text
     assert Image.open(out / "teacher_loss.png").size[0] > 300
+
+
+@pytest.mark.parametrize("family", ["sd3", "pixart"])
+def test_teacher_start_zeroes_only_the_modulations_and_output(family):
+    """adaLN-zero start: every block is the identity through its zero modulation, while its
+    own weights are random (a substring match once zeroed SD3's 'joint_blocks' whole)."""
+    from edit_core.fidelity.teacher import QUICK, build_base_model, init_weights_
+    _, base = build_base_model(QUICK[family])
+    init_weights_(base.diffusion_model, 0)
+    for name, p in base.diffusion_model.named_parameters():
+        zero_start = "adaLN_modulation" in name.split(".") or name.startswith(("final_layer.linear.", "t_block."))
+        if zero_start:
+            assert not p.any(), name
+        elif p.ndim >= 2:
+            assert p.abs().min() >= 0 and p.std() > 0, name

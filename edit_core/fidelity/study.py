@@ -50,7 +50,7 @@ class StudySettings:
     held_out: int = 32
     sample_steps: int = 10
     cfg: float = 3.0
-    train_steps: int = 80
+    train_steps: int = 600
     batch_size: int = 2
     lr: float = 1e-2
 

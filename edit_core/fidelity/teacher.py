@@ -134,7 +134,8 @@ def init_weights_(model: nn.Module, seed: int):
     modulations and the output layer zero (every block starts as the identity)."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
-        if "adaLN_modulation" in name or name.startswith("final_layer.linear") or "t_block" in name:
+        parts = name.split(".")
+        if "adaLN_modulation" in parts or name.startswith(("final_layer.linear.", "t_block.")):
             p.zero_()
         elif p.ndim >= 2:
             p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
