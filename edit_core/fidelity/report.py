@@ -1,5 +1,6 @@
 """The fidelity study's report: markdown tables and the pictures people look at (teacher loss
 curves, real vs teacher vs student samples)."""
+import json
 from pathlib import Path
 from statistics import mean
 from typing import Dict, List, Optional, Sequence
@@ -33,7 +34,7 @@ def loss_chart(histories: Dict[str, List[Dict]]) -> Image.Image:
     for family, history in histories.items():
         steps = [h["step"] for h in history]
         series[f"{family} (moving mean of 20)"] = (steps, smooth([h["loss"] for h in history]))
-    return line_chart("Teacher training loss on the emoji set", series, "step", "loss (eps / velocity MSE)", log_y=True)
+    return line_chart("Teacher training loss on the emoji set", series, "step", "loss (v / velocity MSE)", log_y=True)
 
 
 def sample_grid(records: Dict, px: int, best: Optional[str]) -> Image.Image:
@@ -119,13 +120,19 @@ def write_family(out: Path, family: str, teacher, records: Dict, speed: Optional
                    teacher_run={"config": teacher.config.__dict__, "seconds": teacher.seconds, "source": teacher.source,
                                 "history": teacher.history})
     path = out / f"{family}.json"
+    if path.is_file():  # designs run separately add up, for the same teacher and settings
+        old = json.loads(path.read_text())
+        if old["teacher_run"]["config"] == json.loads(json.dumps(teacher.config.__dict__)) and \
+                old["teacher"]["captions"] == records["teacher"]["captions"]:
+            records["ablations"] = {**{k: v for k, v in old["ablations"].items() if k not in records["ablations"]},
+                                    **records["ablations"]}
+            records["speed"] = {**(old.get("speed") or {}), **(speed or {})} or None
     write_json(records, path)
     return path
 
 
 def write_summary(out: Path) -> Path:
     """study.md and teacher_loss.png from every <family>.json in ``out``."""
-    import json
     families = {f: json.loads((out / f"{f}.json").read_text()) for f in ("sd3", "pixart") if (out / f"{f}.json").is_file()}
     save(loss_chart({f: r["teacher_run"]["history"] for f, r in families.items()}), out / "teacher_loss.png")
     lines = ["# Fidelity study on teachers trained on real images", ""]

@@ -39,6 +39,8 @@ ABLATIONS = {
     "e": ("ConvFusion reads the modulated input", {"cf_input": "modulated"}, ("sd3",)),  # PixArt's always does
     "f": ("LoRA q/k/v update, rank 8", {"qkv_rank": 8}, ("sd3", "pixart")),
     "g": ("local branch outside eta", {"local_placement": "outside"}, ("sd3",)),       # PixArt has no eta
+    # The two designs that beat (a) on both families' first runs, together.
+    "h": ("compressor off + LoRA q/k/v rank 8", {"sc_kernel": 1, "sc_stride": 1, "qkv_rank": 8}, ("sd3", "pixart")),
 }
 
 
