@@ -256,3 +256,21 @@ def test_cli_student_design_options_reach_the_bank_and_train(tmp_path):
     assert (config.cf_kernel, config.sc_kernel, config.sc_stride, config.local_placement, config.cf_input,
             config.qkv_rank) == (0, 1, 1, "outside", "modulated", 4)
     assert any(torch.count_nonzero(t) for k, t in bank.tensors().items() if k.endswith("qkv_update.up"))
+
+
+def test_designs_with_the_same_tensors_do_not_share_a_run(tmp_path):
+    """cf_input and local_placement change what a bank computes, not its tensors: each design
+    gets its own run (a shared one handed the first design's bank to the second)."""
+    model = tiny_models.sd3_patcher(seed=1)
+    cond = conditioner(model)
+    config = DistillConfig(resolutions=((128, 128),), seeds=(0,), sample_steps=2, cfg=3.0, train_steps=2,
+                           batch_size=1, checkpoint_every=100)
+    spec = model_spec(model)
+    banks = {}
+    for design in ({"local_placement": "inside"}, {"local_placement": "outside"}, {"cf_input": "modulated"}):
+        start = init_bank(spec, **design)
+        assert start.tensors().keys() == init_bank(spec).tensors().keys()
+        banks[str(design)] = distill(model, [cond("a")], cond(""), config, tmp_path, bank=start).bank
+    assert len(list(tmp_path.glob("run-*"))) == 3
+    assert [b.config.local_placement for b in banks.values()] == ["inside", "outside", "inside"]
+    assert [b.config.cf_input for b in banks.values()] == ["residual", "residual", "modulated"]

@@ -193,8 +193,10 @@ def _distill(model, positive, negative, config, work_dir, bank, latents, progres
     train_dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     start_bank = bank if bank is not None else init_bank(model_spec(model), seed=config.seed)
     data_fp = teacher_fingerprint(model, positive, negative, config)
+    # The bank's hyper-parameters too: two designs can have the same tensors (cf_input,
+    # local_placement) and must not share a run.
     run_fp = fingerprint([data_fp, config.to_dict(), describe(start_bank.tensors()), list(start_bank.config.layers),
-                          describe(latents) if latents is not None else None])
+                          describe(latents) if latents is not None else None, start_bank.config.hparams()])
     run_dir = work_dir / f"run-{run_fp}"
     checkpoint = run_dir / CHECKPOINT
 
