@@ -10,7 +10,7 @@ match it exactly, naming the file, what was expected and what was found.
 import json
 import os
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
@@ -40,9 +40,14 @@ CF_INPUTS = ("residual", "modulated")
 # What ConvFusion reads where a bank does not say: SD3's blocks hand it the raw residual
 # stream x (before norm1 and the adaLN modulation), PixArt's attention its modulated input.
 DEFAULT_CF_INPUT = {"sd3": "residual", "pixart": "modulated"}
-# The other student-design options (issue 11) at their defaults: the design of the banks
-# written before these options existed.
+# The other student-design options (issue 11) as the banks written before they existed have
+# them (the BankConfig field defaults too): a file's hparams that lack one load as this.
 OPTION_DEFAULTS = {"sc_stride": 2, "qkv_rank": 0, "local_placement": "inside"}
+# The student design a new bank gets where no option says otherwise (init_bank, and through it
+# the nodes, the distill CLI, the tiny models and the benchmarks): the design the fidelity study
+# picked (docs/fidelity.md): no k/v compression, a rank-8 low-rank q/k/v update. The one place
+# to switch the default; the other hyper-parameters keep their BankConfig field defaults.
+DEFAULT_DESIGN = {"sc_kernel": 1, "sc_stride": 1, "qkv_rank": 8}
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 REMAKE = "Use another bank, or make this one again with EDiT Distill and Save EDiT."
 
@@ -77,6 +82,8 @@ def layer_kind(family: str, name: str) -> str:
 
 @dataclass(frozen=True)
 class BankConfig:
+    """A bank's model, layers and hyper-parameters. The field defaults are the legacy design
+    (what a file's missing keys mean); a new bank gets DEFAULT_DESIGN through new_bank_config."""
     family: str
     hidden_size: int
     heads: int
@@ -87,9 +94,9 @@ class BankConfig:
     sc_kernel: int = 3
     local_kernel: int = 3
     eta_mode: str = "learned"
-    sc_stride: int = 2
-    qkv_rank: int = 0
-    local_placement: str = "inside"
+    sc_stride: int = OPTION_DEFAULTS["sc_stride"]
+    qkv_rank: int = OPTION_DEFAULTS["qkv_rank"]
+    local_placement: str = OPTION_DEFAULTS["local_placement"]
     cf_input: Optional[str] = None  # None: the family's DEFAULT_CF_INPUT
     training: Dict = field(default_factory=dict, compare=False)
 
@@ -98,12 +105,13 @@ class BankConfig:
             object.__setattr__(self, "cf_input", DEFAULT_CF_INPUT.get(self.family))
 
     def option_defaults(self) -> Dict:
-        """The student-design options (issue 11) and their defaults: today's design."""
-        return dict(OPTION_DEFAULTS, cf_input=DEFAULT_CF_INPUT.get(self.family))
+        """The optional student-design options (issue 11) as the banks written before them have them."""
+        return legacy_options(self.family)
 
     def hparams(self) -> Dict:
-        """The hyper-parameters a bank file stores. Student-design options at their defaults are
-        left out: a default bank's file (and the fingerprints of its runs) stay as before."""
+        """The hyper-parameters a bank file stores. Optional options at their legacy values are
+        left out: a legacy-design bank's file (and the fingerprints of its runs) stay as before,
+        and a file without them loads as that design."""
         base = {"reduction": self.reduction, "cf_kernel": self.cf_kernel, "sc_kernel": self.sc_kernel,
                 "local_kernel": self.local_kernel, "eta_mode": self.eta_mode}
         return dict(base, **{k: getattr(self, k) for k, default in self.option_defaults().items()
@@ -112,6 +120,11 @@ class BankConfig:
     def describe(self) -> str:
         return (f"{self.family}, hidden {self.hidden_size}, {self.heads} heads, depth {self.depth}, "
                 f"{len(self.layers)} layers")
+
+
+def legacy_options(family: str) -> Dict:
+    """The optional hyper-parameters of a bank written before they existed, for ``family``."""
+    return dict(OPTION_DEFAULTS, cf_input=DEFAULT_CF_INPUT.get(family))
 
 
 def _odd_kernel(size: int) -> bool:
@@ -134,6 +147,14 @@ HPARAM_RULES = {  # hyper-parameter: (what it must be, test)
 HPARAMS = set(HPARAM_RULES)
 OPTIONAL_HPARAMS = set(OPTION_DEFAULTS) | {"cf_input"}  # absent from older banks
 TEXT_HPARAMS = {"eta_mode", "local_placement", "cf_input"}
+# The legacy design: the BankConfig field defaults (cf_input None: the family's DEFAULT_CF_INPUT).
+LEGACY_HPARAMS = {f.name: f.default for f in fields(BankConfig) if f.name in HPARAMS}
+
+
+def default_hparam(key: str):
+    """What a new bank gets for hyper-parameter ``key`` when no option says: DEFAULT_DESIGN's
+    value, else the legacy one. The defaults the node widgets and the CLI flags show."""
+    return DEFAULT_DESIGN.get(key, LEGACY_HPARAMS[key])
 
 
 def hparam_problem(key: str, value) -> Optional[str]:
@@ -188,12 +209,27 @@ class EDiTBank(nn.Module):
         return {k[len("layers."):]: v for k, v in self.state_dict().items()}
 
 
-def init_bank(spec: ModelSpec, layers: Optional[Iterable[str]] = None, seed: int = 0, **hparams) -> EDiTBank:
-    """An untrained bank for a model: zero-initialised ConvFusion (so it starts at ReLU linear
-    attention over the model's own q, k, v), low-pass SpatialCompressor. Deterministic for a seed.
+def new_bank_config(spec: ModelSpec, layers: Sequence[str], **hparams) -> BankConfig:
+    """The config of a new bank for ``layers`` of a model: DEFAULT_DESIGN with ``hparams`` over
+    it, checked (what load_bank would refuse is never made)."""
+    config = BankConfig(spec.family, spec.hidden_size, spec.heads, spec.depth, tuple(layers),
+                        **dict(DEFAULT_DESIGN, **hparams))
+    for key in sorted(HPARAMS):
+        value = getattr(config, key)
+        problem = hparam_problem(key, value) or family_hparam_problem(config.family, key, value)
+        if problem:
+            raise EDiTError(f"{key} {value!r}: must be {problem}")
+    return config
 
-    ``hparams``: reduction, cf_kernel (0: no ConvFusion), sc_kernel, local_kernel (0: no local
-    branch), eta_mode, and the student-design options sc_stride (2, or 1: no compression with
+
+def init_bank(spec: ModelSpec, layers: Optional[Iterable[str]] = None, seed: int = 0, **hparams) -> EDiTBank:
+    """An untrained bank for a model: zero-initialised ConvFusion and q/k/v update (so it starts
+    at ReLU linear attention over the model's own q, k, v), identity or low-pass
+    SpatialCompressor. Deterministic for a seed.
+
+    ``hparams`` (each overrides DEFAULT_DESIGN, which overrides the BankConfig field defaults):
+    reduction, cf_kernel (0: no ConvFusion), sc_kernel, local_kernel (0: no local branch),
+    eta_mode, and the student-design options sc_stride (2, or 1: no compression with
     sc_kernel=1), qkv_rank (0: off), local_placement ('inside' or 'outside' the eta-weighted
     term; the same on PixArt, which has no eta) and cf_input (SD3: 'residual' or 'modulated';
     PixArt: 'modulated' only). Unknown names are a TypeError."""
@@ -204,13 +240,7 @@ def init_bank(spec: ModelSpec, layers: Optional[Iterable[str]] = None, seed: int
                         f"({spec.describe()}); convertible: {', '.join(spec.layers)}")
     if not names:
         raise EDiTError("no layers selected: a bank needs at least one layer; select some, or 'all'")
-    config = BankConfig(spec.family, spec.hidden_size, spec.heads, spec.depth,
-                        tuple(n for n in spec.layers if n in names), **hparams)
-    for key in sorted(HPARAMS):  # what load_bank would refuse is never made
-        value = getattr(config, key)
-        problem = hparam_problem(key, value) or family_hparam_problem(config.family, key, value)
-        if problem:
-            raise EDiTError(f"{key} {value!r}: must be {problem}")
+    config = new_bank_config(spec, tuple(n for n in spec.layers if n in names), **hparams)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return EDiTBank(config)
@@ -341,9 +371,8 @@ def _config_from_metadata(meta: Dict[str, str], path) -> BankConfig:
     if unknown:
         raise _refusal(path, "hparams", f"an object with the keys {', '.join(sorted(HPARAMS - OPTIONAL_HPARAMS))} "
                        f"and optionally {', '.join(sorted(OPTIONAL_HPARAMS))}", unknown)
+    hp = dict(legacy_options(family), **hp)  # a bank from before an option: the legacy design, not DEFAULT_DESIGN
     for key in sorted(HPARAMS):
-        if key in OPTIONAL_HPARAMS and key not in hp:  # a bank from before the option: today's design
-            continue
         problem = hparam_problem(key, hp.get(key)) or family_hparam_problem(family, key, hp.get(key))
         if problem:
             raise _refusal(path, f"hparams.{key}", problem, hp.get(key))

@@ -3,12 +3,15 @@ import os
 
 import folder_paths
 
-from ..edit_core.bank import (EDiTError, bank_file_stem, init_bank, load_bank, parse_layer_selection, save_bank,
-                               select_layers)
+from ..edit_core.bank import (DEFAULT_DESIGN, LEGACY_HPARAMS, MAX_QKV_RANK, EDiTError, bank_file_stem, default_hparam,
+                               init_bank, load_bank, parse_layer_selection, save_bank, select_layers)
 from ..edit_core.comfy_model import model_spec
 from .folders import EDIT_FOLDER, edit_folder
 
 BANK = "EDIT_BANK"
+# Said by the widgets whose default is DEFAULT_DESIGN's.
+DESIGN_NOTE = (" The default is the design the fidelity study picked (docs/fidelity.md); banks made before it: "
+               + ", ".join(f"{key} {LEGACY_HPARAMS[key]}" for key in DEFAULT_DESIGN) + ".")
 
 
 def check_layer_selection(layers):
@@ -52,22 +55,24 @@ class EDiTInitFromModel:
             "layers": ("STRING", {"default": "all", "tooltip":
                                   "Which attention layers to convert: 'all' (or blank), or block indices/ranges "
                                   "such as '0-12' or '0-12:attn2' (SD3.5 MMDiT-X image attention only)."}),
-            "reduction": ("INT", {"default": 32, "min": 1, "max": 1024, "tooltip":
+            "reduction": ("INT", {"default": default_hparam("reduction"), "min": 1, "max": 1024, "tooltip":
                                   "ConvFusion channel reduction r (hidden channels = width / r). 32 keeps the "
                                   "branch under 4% of a block's dense compute."}),
-            "eta_mode": (["learned", "ratio"], {"tooltip":
+            "eta_mode": (["learned", "ratio"], {"default": default_hparam("eta_mode"), "tooltip":
                                                 "Hybrid attention mix: token ratio N/(N+M), with a learned per-head "
                                                 "offset ('learned') or fixed ('ratio')."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF}),
-        }, "optional": {  # the student design (issue 11); the defaults are today's design
-            "cf_kernel": ("INT", {"default": 3, "min": 0, "max": 15, "tooltip":
+        }, "optional": {  # the student design (issue 11); the defaults: DEFAULT_DESIGN
+            "cf_kernel": ("INT", {"default": default_hparam("cf_kernel"), "min": 0, "max": 15, "tooltip":
                                   "ConvFusion kernel size (odd); 0: no ConvFusion (q~ = ReLU(q))."}),
-            "sc_kernel": ("INT", {"default": 3, "min": 1, "max": 15, "tooltip": "k/v compressor kernel size (odd)."}),
-            "sc_stride": ("INT", {"default": 2, "min": 1, "max": 2, "tooltip":
-                                  "k/v compressor stride: 2 (4x fewer keys) or 1; 1 with sc_kernel 1: no compression."}),
-            "local_kernel": ("INT", {"default": 3, "min": 0, "max": 15, "tooltip":
+            "sc_kernel": ("INT", {"default": default_hparam("sc_kernel"), "min": 1, "max": 15, "tooltip":
+                                  "k/v compressor kernel size (odd)." + DESIGN_NOTE}),
+            "sc_stride": ("INT", {"default": default_hparam("sc_stride"), "min": 1, "max": 2, "tooltip":
+                                  "k/v compressor stride: 2 (4x fewer keys) or 1; 1 with sc_kernel 1: no compression."
+                                  + DESIGN_NOTE}),
+            "local_kernel": ("INT", {"default": default_hparam("local_kernel"), "min": 0, "max": 15, "tooltip":
                                      "Local value branch kernel size (odd); 0: no local branch."}),
-            "local_placement": (["inside", "outside"], {"tooltip":
+            "local_placement": (["inside", "outside"], {"default": default_hparam("local_placement"), "tooltip":
                                                         "SD3: the local branch inside the eta-weighted term (its "
                                                         "strength changes with resolution) or added outside it. "
                                                         "PixArt has no eta: both are the same."}),
@@ -75,9 +80,9 @@ class EDiTInitFromModel:
                                                                 "What ConvFusion reads on SD3: the block's residual "
                                                                 "stream or the modulated attention input. default: "
                                                                 "residual on SD3, modulated on PixArt (its only choice)."}),
-            "qkv_rank": ("INT", {"default": 0, "min": 0, "max": 256, "tooltip":
+            "qkv_rank": ("INT", {"default": default_hparam("qkv_rank"), "min": 0, "max": MAX_QKV_RANK, "tooltip":
                                  "Rank of a learned low-rank update of each converted layer's normalised image q/k/v "
-                                 "(read from the attention input); 0: none."}),
+                                 "(read from the attention input); 0: none." + DESIGN_NOTE}),
         }}
 
     @classmethod

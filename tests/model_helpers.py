@@ -9,6 +9,11 @@ from edit_core.patcher import model_call_options
 from edit_core.tiny_models import SD3_CONTEXT_DIM, SD3_POOLED_DIM, randomize_
 
 
+# The student design of the banks made before issue 11's default switch (what a file without
+# the optional hparams means): for tests about that design, passed to init_bank explicitly.
+LEGACY_DESIGN = {"sc_kernel": 3, "sc_stride": 2, "qkv_rank": 0}
+
+
 def sd3_inputs(batch=2, latent_hw=(25, 39), tokens=10, sigma=0.7):
     return dict(x=torch.randn(batch, 16, *latent_hw), t=torch.full((batch,), sigma),
                 c_crossattn=torch.randn(batch, tokens, SD3_CONTEXT_DIM), y=torch.randn(batch, SD3_POOLED_DIM))

@@ -9,12 +9,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from edit_core import tiny_models
-from edit_core.bank import (FORMAT_VERSION, EDiTError, ModelSpec, init_bank, load_bank, save_bank,
-                            select_layers)
+from edit_core.bank import (DEFAULT_DESIGN, FORMAT_VERSION, EDiTError, ModelSpec, default_hparam, init_bank, load_bank,
+                            save_bank, select_layers)
 from edit_core.comfy_model import model_spec
 from edit_core.patcher import apply_edit
 
-from model_helpers import randomized_bank, run, sd3_inputs
+from model_helpers import LEGACY_DESIGN, randomized_bank, run, sd3_inputs
 
 SPEC = ModelSpec("sd3", 128, 2, 2, ("joint_blocks.0.attn", "joint_blocks.0.attn2", "joint_blocks.1.attn"))
 
@@ -32,11 +32,34 @@ def test_init_is_deterministic_for_a_seed():
 
 
 def test_untrained_bank_starts_at_zero_convfusion_and_low_pass_compressor():
-    bank = init_bank(SPEC)
+    bank = init_bank(SPEC, **LEGACY_DESIGN)
     t = bank.tensors()
     assert torch.equal(t["joint_blocks.1.attn.cf.proj.weight"], torch.zeros_like(t["joint_blocks.1.attn.cf.proj.weight"]))
     k = t["joint_blocks.0.attn2.sc_k.weight"]
-    assert torch.allclose(k.sum((1, 2, 3)), torch.ones(k.shape[0]))
+    assert k.shape == (128, 1, 3, 3) and torch.allclose(k.sum((1, 2, 3)), torch.ones(k.shape[0]))
+    assert not any(".qkv_update." in name for name in t)
+
+
+def test_untrained_default_bank_starts_at_the_identity_compressor_and_a_zero_qkv_update():
+    t = init_bank(SPEC).tensors()
+    for layer in SPEC.layers:
+        assert torch.equal(t[f"{layer}.sc_k.weight"], torch.ones(128, 1, 1, 1))
+        assert torch.equal(t[f"{layer}.sc_v.bias"], torch.zeros(128))
+        assert t[f"{layer}.qkv_update.down"].shape == (3 * DEFAULT_DESIGN["qkv_rank"], 128)
+        assert torch.equal(t[f"{layer}.qkv_update.up"], torch.zeros_like(t[f"{layer}.qkv_update.up"]))
+
+
+def test_init_applies_the_default_design_and_keywords_override_it():
+    assert DEFAULT_DESIGN == {"sc_kernel": 1, "sc_stride": 1, "qkv_rank": 8}  # the fidelity study's design (h)
+    config = init_bank(SPEC).config
+    assert {key: getattr(config, key) for key in DEFAULT_DESIGN} == DEFAULT_DESIGN
+    assert (config.reduction, config.cf_kernel, config.local_kernel, config.eta_mode, config.local_placement,
+            config.cf_input) == (32, 3, 3, "learned", "inside", "residual")
+    legacy = init_bank(SPEC, **LEGACY_DESIGN).config
+    assert {key: getattr(legacy, key) for key in LEGACY_DESIGN} == LEGACY_DESIGN
+    assert init_bank(SPEC, qkv_rank=0).config.qkv_rank == 0
+    assert (init_bank(SPEC, sc_kernel=3).config.sc_kernel, init_bank(SPEC, sc_kernel=3).config.sc_stride) == (3, 1)
+    assert {key: default_hparam(key) for key in DEFAULT_DESIGN} == DEFAULT_DESIGN
 
 
 def test_round_trip_keeps_tensors_config_and_training_summary(tmp_path):
@@ -52,8 +75,8 @@ def test_round_trip_keeps_tensors_config_and_training_summary(tmp_path):
     _, meta = read(path)
     assert meta["format_version"] == str(FORMAT_VERSION)
     assert json.loads(meta["layers"]) == ["joint_blocks.0.attn2", "joint_blocks.1.attn"]
-    assert json.loads(meta["hparams"]) == {"reduction": 16, "cf_kernel": 3, "sc_kernel": 3, "local_kernel": 3,
-                                          "eta_mode": "ratio"}
+    assert json.loads(meta["hparams"]) == {"reduction": 16, "cf_kernel": 3, "sc_kernel": 1, "local_kernel": 3,
+                                          "eta_mode": "ratio", "sc_stride": 1, "qkv_rank": 8}
 
 
 def test_saved_bank_applies_to_its_model_and_reproduces_outputs(tmp_path):
@@ -96,9 +119,9 @@ def test_refuses_an_unexpected_tensor(saved):
 
 def test_refuses_a_wrong_shape(saved):
     t, _ = read(saved)
-    t["joint_blocks.1.attn.sc_v.weight"] = torch.zeros(64, 1, 3, 3)
+    t["joint_blocks.1.attn.sc_v.weight"] = torch.zeros(64, 1, 1, 1)
     rewrite(saved, tensors=t)
-    with pytest.raises(EDiTError, match=r"joint_blocks\.1\.attn\.sc_v\.weight: expected \(128, 1, 3, 3\), found \(64, 1, 3, 3\)"):
+    with pytest.raises(EDiTError, match=r"joint_blocks\.1\.attn\.sc_v\.weight: expected \(128, 1, 1, 1\), found \(64, 1, 1, 1\)"):
         load_bank(saved)
 
 
@@ -298,7 +321,7 @@ OPTIONS = [dict(local_placement="outside"), dict(cf_kernel=0), dict(sc_kernel=1,
 @pytest.mark.parametrize("spec", [SPEC, PIXART_SPEC], ids=["sd3", "pixart"])
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_student_options_round_trip(tmp_path, spec, options):
-    bank = randomized_bank(init_bank(spec, **options))
+    bank = randomized_bank(init_bank(spec, **dict(LEGACY_DESIGN, **options)))  # each option over the legacy design
     save_bank(bank, tmp_path / "b.safetensors")
     loaded = load_bank(tmp_path / "b.safetensors")
     assert loaded.config == bank.config
@@ -316,23 +339,38 @@ def test_student_options_round_trip(tmp_path, spec, options):
         assert t[f"{layer}.qkv_update.down"].shape == (3 * options["qkv_rank"], spec.hidden_size)
 
 
-def test_a_default_bank_stores_only_the_hyper_parameters_of_before(tmp_path):
-    save_bank(init_bank(SPEC), tmp_path / "b.safetensors")
+def test_a_legacy_design_bank_stores_only_the_hyper_parameters_of_before(tmp_path):
+    save_bank(init_bank(SPEC, **LEGACY_DESIGN), tmp_path / "b.safetensors")
     assert set(json.loads(read(tmp_path / "b.safetensors")[1]["hparams"])) == {
         "reduction", "cf_kernel", "sc_kernel", "local_kernel", "eta_mode"}
 
 
-@pytest.mark.parametrize("spec,cf_input", [(SPEC, "residual"), (PIXART_SPEC, "modulated")], ids=["sd3", "pixart"])
-def test_a_bank_written_before_the_options_loads_as_todays_design(tmp_path, spec, cf_input):
-    path = tmp_path / "old.safetensors"
+@pytest.mark.parametrize("spec", [SPEC, PIXART_SPEC], ids=["sd3", "pixart"])
+def test_a_default_bank_round_trips_as_the_default_design(tmp_path, spec):
     bank = randomized_bank(init_bank(spec))
+    save_bank(bank, tmp_path / "b.safetensors")
+    stored = json.loads(read(tmp_path / "b.safetensors")[1]["hparams"])
+    assert {key: stored[key] for key in DEFAULT_DESIGN} == DEFAULT_DESIGN  # stored, so it never reads as legacy
+    loaded = load_bank(tmp_path / "b.safetensors")
+    assert loaded.config == bank.config
+    assert {key: getattr(loaded.config, key) for key in DEFAULT_DESIGN} == DEFAULT_DESIGN
+    t, tl = bank.tensors(), loaded.tensors()
+    assert t.keys() == tl.keys() and all(torch.equal(t[k], tl[k]) for k in t)
+
+
+@pytest.mark.parametrize("spec,cf_input", [(SPEC, "residual"), (PIXART_SPEC, "modulated")], ids=["sd3", "pixart"])
+def test_a_bank_written_before_the_options_loads_as_the_legacy_design(tmp_path, spec, cf_input):
+    path = tmp_path / "old.safetensors"
+    bank = randomized_bank(init_bank(spec, **LEGACY_DESIGN))
     save_bank(bank, path)
     tensors, meta = read(path)
     old = {"reduction": 32, "cf_kernel": 3, "sc_kernel": 3, "local_kernel": 3, "eta_mode": "learned"}
     rewrite(path, tensors, {**meta, "hparams": json.dumps(old)})  # exactly what earlier versions wrote
     config = load_bank(path).config
-    assert (config.sc_stride, config.qkv_rank, config.local_placement, config.cf_input) == (2, 0, "inside", cf_input)
+    assert (config.sc_kernel, config.sc_stride, config.qkv_rank, config.local_placement, config.cf_input) == (
+        3, 2, 0, "inside", cf_input)
     assert config == bank.config
+    assert config != init_bank(spec).config  # not today's default design
 
 
 @pytest.mark.parametrize("change,message", [
@@ -379,13 +417,15 @@ def test_init_refuses_bad_student_options(hparams, message):
         init_bank(SPEC, **hparams)
 
 
-def test_init_node_offers_the_student_options_with_todays_design_as_default():
+def test_init_node_offers_the_student_options_with_the_default_design_as_default():
     from test_server import pack_mappings  # the pack imported as ComfyUI imports it
     node = pack_mappings()[0]["EDiTInitFromModel"]
     optional = node.INPUT_TYPES()["optional"]
     assert set(optional) == {"cf_kernel", "sc_kernel", "sc_stride", "local_kernel", "local_placement", "cf_input",
                              "qkv_rank"}
     assert all(spec[1]["tooltip"] for spec in optional.values())
+    assert all("docs/fidelity.md" in optional[key][1]["tooltip"] for key in DEFAULT_DESIGN)
+    assert {key: optional[key][1]["default"] for key in DEFAULT_DESIGN} == DEFAULT_DESIGN
     model = tiny_models.sd3_patcher(depth=2, mmditx_layers=(0,))
     widget_defaults = {k: spec[1]["default"] if "default" in spec[1] else spec[0][0] for k, spec in optional.items()}
     (bank,) = node().init(model, "all", 32, "learned", 0, **widget_defaults)

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from edit_core import tiny_models
-from edit_core.bank import init_bank, load_bank
+from edit_core.bank import DEFAULT_DESIGN, init_bank, load_bank
 from edit_core.comfy_model import conditioning_dims, diffusion_model, model_spec
 from edit_core.distill.cache import (TeacherData, cond_bytes, image_bytes, image_jobs, stored_states,
                                      teacher_data_bytes)
@@ -244,6 +244,8 @@ def test_cli_refuses_a_run_that_does_not_fit_the_device_memory_before_any_work(t
     assert not list((tmp_path / "work").glob("teacher-*/*.safetensors"))
     fits = cli(tmp_path, "--train-steps", "4", "--device-memory", "24GiB", output="fits.safetensors")
     assert fits.returncode == 0, fits.stdout + fits.stderr
+    config = load_bank(tmp_path / "fits.safetensors").config  # no design flags: the default design
+    assert {key: getattr(config, key) for key in DEFAULT_DESIGN} == DEFAULT_DESIGN
 
 
 def test_cli_student_design_options_reach_the_bank_and_train(tmp_path):

@@ -19,7 +19,9 @@ from edit_core.patcher import (STUDENT, TEACHER, EditOptions, EditState, PixArtA
                                sd3_pre_attention)
 from edit_core.reference import edit_attention_ref, hybrid_attention_ref, softmax_attention_ref
 
-from model_helpers import pixart_inputs, randomized_bank, run, sd3_inputs, sd15_patcher
+from model_helpers import LEGACY_DESIGN, pixart_inputs, randomized_bank, run, sd3_inputs, sd15_patcher
+
+DESIGNS = {"default": {}, "legacy": LEGACY_DESIGN}  # init_bank keywords: the shipped default, the design before it
 from test_attention import FP32_TOL, rel_err
 from test_modules import LAYER_LOW_PRECISION_TOL
 
@@ -131,16 +133,17 @@ def sd3_block_reference(block, layer, layer2, context, x, c, grid, cf_input="res
     return context, xb.post_attention_x(o_img, attn2, *x_inter)
 
 
+@pytest.mark.parametrize("design", DESIGNS)
 @pytest.mark.parametrize("grid,n_txt,batch", [((5, 7), 9, 2), ((1, 13), 4, 1), ((8, 8), 154, 2)])
-def test_sd3_patched_blocks_match_float64_reference(sd3, grid, n_txt, batch):
+def test_sd3_patched_blocks_match_float64_reference(sd3, grid, n_txt, batch, design):
     dm = sd3.model.diffusion_model
-    bank = randomized_bank(init_bank(model_spec(sd3)), scale=0.3)
+    bank = randomized_bank(init_bank(model_spec(sd3), **DESIGNS[design]), scale=0.3)
     c = dm.hidden_size
     for i, block in enumerate(dm.joint_blocks):  # includes the pre_only last block
         layer = bank.layer(f"joint_blocks.{i}.attn")
         layer2 = bank.layer(f"joint_blocks.{i}.attn2") if block.x_block.x_block_self_attn else None
         state = EditState()
-        patch = SD3BlockPatch(block.forward, block, i, layer, layer2, state)
+        patch = SD3BlockPatch(block.forward, block, i, layer, layer2, state, qkv_update=bank.config.qkv_rank > 0)
         context, x, vec = torch.randn(batch, n_txt, c), torch.randn(batch, grid[0] * grid[1], c), torch.randn(batch, c)
         with torch.no_grad(), state.running(True, grid) as to:
             out_ctx, out_x = patch(context, x, c=vec, use_checkpoint=False, transformer_options=to)
@@ -165,10 +168,11 @@ def pixart_block_reference(block, layer, x, y, t, grid):
     return block(x.double(), y.double(), t.double(), HW=(2 * grid[0], 2 * grid[1]))
 
 
+@pytest.mark.parametrize("design", DESIGNS)
 @pytest.mark.parametrize("grid,batch", [((5, 7), 2), ((1, 16), 1), ((16, 17), 2)])
-def test_pixart_patched_blocks_match_float64_reference(pixart, grid, batch):
+def test_pixart_patched_blocks_match_float64_reference(pixart, grid, batch, design):
     dm = pixart.model.diffusion_model
-    bank = randomized_bank(init_bank(model_spec(pixart)), scale=0.3)
+    bank = randomized_bank(init_bank(model_spec(pixart), **DESIGNS[design]), scale=0.3)
     c = dm.hidden_size
     for i, block in enumerate(dm.blocks):
         layer = bank.layer(f"blocks.{i}.attn")
@@ -186,17 +190,19 @@ def test_pixart_patched_blocks_match_float64_reference(pixart, grid, batch):
         assert rel_err(out, ref) < FP32_TOL
 
 
+@pytest.mark.parametrize("design", DESIGNS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_sd3_block_in_low_precision_matches_float64_reference(sd35, dtype):
+def test_sd3_block_in_low_precision_matches_float64_reference(sd35, dtype, design):
     block = sd35.model.diffusion_model.joint_blocks[0]
-    bank = randomized_bank(init_bank(model_spec(sd35)), scale=0.3)
+    bank = randomized_bank(init_bank(model_spec(sd35), **DESIGNS[design]), scale=0.3)
     layer, layer2 = bank.layer("joint_blocks.0.attn"), bank.layer("joint_blocks.0.attn2")
     low = copy.deepcopy(block).to(dtype)
     grid, c = (9, 14), sd35.model.diffusion_model.hidden_size
     context, x, vec = (torch.randn(2, 20, c).to(dtype), torch.randn(2, 126, c).to(dtype), torch.randn(2, c).to(dtype))
     state = EditState()
     with torch.no_grad(), state.running(True, grid) as to:
-        _, out_x = SD3BlockPatch(low.forward, low, 0, layer, layer2, state)(context, x, c=vec, transformer_options=to)
+        _, out_x = SD3BlockPatch(low.forward, low, 0, layer, layer2, state, qkv_update=bank.config.qkv_rank > 0)(
+            context, x, c=vec, transformer_options=to)
         _, ref_x = sd3_block_reference(low, layer, layer2, context, x, vec, grid)
     assert out_x.dtype == dtype and torch.isfinite(out_x).all()
     # The block's own projections and MLP also run in low precision here.

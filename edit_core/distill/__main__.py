@@ -19,8 +19,13 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from ..bank import DEFAULT_DESIGN, LEGACY_HPARAMS, default_hparam
 from .config import DistillConfig, parse_ints, parse_resolutions
 from .plan import parse_bytes
+
+
+# The flags that make the design of the banks made before DEFAULT_DESIGN.
+LEGACY_FLAGS = " ".join(f"--{key.replace('_', '-')} {LEGACY_HPARAMS[key]}" for key in DEFAULT_DESIGN)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -42,21 +47,27 @@ def build_parser():
     g.add_argument("--output", required=True, help="the bank file to write (.safetensors)")
     g.add_argument("--init-bank", help="continue from this bank instead of an untrained one")
     g.add_argument("--layers", default="all", help="layers of an untrained bank: 'all' or e.g. '0-12'")
-    g.add_argument("--reduction", type=int, default=32, help="ConvFusion reduction r of an untrained bank")
-    g.add_argument("--eta-mode", choices=["learned", "ratio"], default="learned", help="eta of an untrained bank")
-    s = p.add_argument_group("student design of an untrained bank (stored in the bank; see docs/design.md)")
-    s.add_argument("--cf-kernel", type=int, default=3, help="ConvFusion kernel size (odd); 0: no ConvFusion")
-    s.add_argument("--sc-kernel", type=int, default=3, help="k/v compressor kernel size (odd)")
-    s.add_argument("--sc-stride", type=int, choices=[1, 2], default=2,
+    g.add_argument("--reduction", type=int, default=default_hparam("reduction"),
+                   help="ConvFusion reduction r of an untrained bank")
+    g.add_argument("--eta-mode", choices=["learned", "ratio"], default=default_hparam("eta_mode"),
+                   help="eta of an untrained bank")
+    s = p.add_argument_group("student design of an untrained bank (stored in the bank; see docs/design.md)",
+                             "The defaults are the design the fidelity study picked (docs/fidelity.md); banks made "
+                             f"before it: {LEGACY_FLAGS}.")
+    s.add_argument("--cf-kernel", type=int, default=default_hparam("cf_kernel"),
+                   help="ConvFusion kernel size (odd); 0: no ConvFusion")
+    s.add_argument("--sc-kernel", type=int, default=default_hparam("sc_kernel"), help="k/v compressor kernel size (odd)")
+    s.add_argument("--sc-stride", type=int, choices=[1, 2], default=default_hparam("sc_stride"),
                    help="k/v compressor stride; 1 with --sc-kernel 1: no compression")
-    s.add_argument("--local-kernel", type=int, default=3, help="local value branch kernel size (odd); 0: none")
-    s.add_argument("--local-placement", choices=["inside", "outside"], default="inside",
+    s.add_argument("--local-kernel", type=int, default=default_hparam("local_kernel"),
+                   help="local value branch kernel size (odd); 0: none")
+    s.add_argument("--local-placement", choices=["inside", "outside"], default=default_hparam("local_placement"),
                    help="SD3: the local branch inside the eta-weighted term or added outside it (PixArt: the same)")
     s.add_argument("--cf-input", choices=["family", "residual", "modulated"], default="family",
                    help="what ConvFusion reads on SD3: the block's residual stream or the modulated attention input; "
                         "family: residual on SD3, modulated on PixArt (its only choice)")
-    s.add_argument("--qkv-rank", type=int, default=0, help="rank of a low-rank update of the converted layers' "
-                   "normalised image q/k/v; 0: none")
+    s.add_argument("--qkv-rank", type=int, default=default_hparam("qkv_rank"),
+                   help="rank of a low-rank update of the converted layers' normalised image q/k/v; 0: none")
     g.add_argument("--latents", help="safetensors file with a 'latent' tensor (B, C, h, w) for the task loss")
     g.add_argument("--comfyui", help="ComfyUI folder (default: $EDIT_COMFYUI_DIR or the one this pack is in)")
     d = p.add_argument_group("teacher data")

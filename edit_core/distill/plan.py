@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..bank import BankConfig, EDiTBank, EDiTError
+from ..bank import BankConfig, EDiTBank, EDiTError, new_bank_config
 from ..cli import comma_list
 from ..memory import PeakTensorMemory, storage_bytes
 
@@ -145,7 +145,7 @@ class PlanModel:
             base.model.requires_grad_(False)  # only the bank trains
             spec = model_spec(base)
             if bank_config is None:
-                bank_config = BankConfig(spec.family, spec.hidden_size, spec.heads, spec.depth, spec.layers)
+                bank_config = new_bank_config(spec, spec.layers)
             self.bank = EDiTBank(bank_config)
             if not fake:
                 self.bank.to(device)
