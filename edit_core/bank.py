@@ -45,9 +45,9 @@ DEFAULT_CF_INPUT = {"sd3": "residual", "pixart": "modulated"}
 OPTION_DEFAULTS = {"sc_stride": 2, "qkv_rank": 0, "local_placement": "inside"}
 # The student design a new bank gets where no option says otherwise (init_bank, and through it
 # the nodes, the distill CLI, the tiny models and the benchmarks): the design the fidelity study
-# picked (docs/fidelity.md): no k/v compression, a rank-8 low-rank q/k/v update. The one place
-# to switch the default; the other hyper-parameters keep their BankConfig field defaults.
-DEFAULT_DESIGN = {"sc_kernel": 1, "sc_stride": 1, "qkv_rank": 8}
+# picked (docs/fidelity.md, design d): no k/v compression. The one place to switch the default;
+# the other hyper-parameters keep their BankConfig field defaults.
+DEFAULT_DESIGN = {"sc_kernel": 1, "sc_stride": 1}
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 REMAKE = "Use another bank, or make this one again with EDiT Distill and Save EDiT."
 

@@ -40,24 +40,27 @@ def test_untrained_bank_starts_at_zero_convfusion_and_low_pass_compressor():
     assert not any(".qkv_update." in name for name in t)
 
 
-def test_untrained_default_bank_starts_at_the_identity_compressor_and_a_zero_qkv_update():
+def test_untrained_default_bank_starts_at_the_identity_compressor():
     t = init_bank(SPEC).tensors()
     for layer in SPEC.layers:
         assert torch.equal(t[f"{layer}.sc_k.weight"], torch.ones(128, 1, 1, 1))
         assert torch.equal(t[f"{layer}.sc_v.bias"], torch.zeros(128))
-        assert t[f"{layer}.qkv_update.down"].shape == (3 * DEFAULT_DESIGN["qkv_rank"], 128)
+        assert not any(k.startswith(f"{layer}.qkv_update.") for k in t)
+    t = init_bank(SPEC, qkv_rank=8).tensors()
+    for layer in SPEC.layers:
+        assert t[f"{layer}.qkv_update.down"].shape == (3 * 8, 128)
         assert torch.equal(t[f"{layer}.qkv_update.up"], torch.zeros_like(t[f"{layer}.qkv_update.up"]))
 
 
 def test_init_applies_the_default_design_and_keywords_override_it():
-    assert DEFAULT_DESIGN == {"sc_kernel": 1, "sc_stride": 1, "qkv_rank": 8}  # the fidelity study's design (h)
+    assert DEFAULT_DESIGN == {"sc_kernel": 1, "sc_stride": 1}  # the fidelity study's design (d)
     config = init_bank(SPEC).config
     assert {key: getattr(config, key) for key in DEFAULT_DESIGN} == DEFAULT_DESIGN
     assert (config.reduction, config.cf_kernel, config.local_kernel, config.eta_mode, config.local_placement,
             config.cf_input) == (32, 3, 3, "learned", "inside", "residual")
     legacy = init_bank(SPEC, **LEGACY_DESIGN).config
     assert {key: getattr(legacy, key) for key in LEGACY_DESIGN} == LEGACY_DESIGN
-    assert init_bank(SPEC, qkv_rank=0).config.qkv_rank == 0
+    assert init_bank(SPEC, qkv_rank=8).config.qkv_rank == 8
     assert (init_bank(SPEC, sc_kernel=3).config.sc_kernel, init_bank(SPEC, sc_kernel=3).config.sc_stride) == (3, 1)
     assert {key: default_hparam(key) for key in DEFAULT_DESIGN} == DEFAULT_DESIGN
 
@@ -76,7 +79,7 @@ def test_round_trip_keeps_tensors_config_and_training_summary(tmp_path):
     assert meta["format_version"] == str(FORMAT_VERSION)
     assert json.loads(meta["layers"]) == ["joint_blocks.0.attn2", "joint_blocks.1.attn"]
     assert json.loads(meta["hparams"]) == {"reduction": 16, "cf_kernel": 3, "sc_kernel": 1, "local_kernel": 3,
-                                          "eta_mode": "ratio", "sc_stride": 1, "qkv_rank": 8}
+                                          "eta_mode": "ratio", "sc_stride": 1}
 
 
 def test_saved_bank_applies_to_its_model_and_reproduces_outputs(tmp_path):
