@@ -119,7 +119,7 @@ def test_quick_study_writes_tables_and_pictures(tmp_path):
             grid = Image.open(out / f"{family}_samples_{px}px.png").convert("L")
             lo, hi = grid.getextrema()
             assert hi - lo > 100  # real emoji beside the samples: not a blank picture
-    assert "| (a) today's default |" in text and "| (b) no local branch |" in text
+    assert "| (a) previous default (k/v compressed) |" in text and "| (b) no local branch |" in text
     assert Image.open(out / "teacher_loss.png").size[0] > 300
 
 

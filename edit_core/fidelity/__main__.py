@@ -58,7 +58,7 @@ def main(argv=None):
     from .attention_stats import attention_stats, synthetic_teachers
     from .features import frechet_distance, train_classifier
     from .report import write_family, write_summary
-    from .study import ABLATIONS, QUICK as QUICK_STUDY, StudySettings, block_speedups, run_family
+    from .study import QUICK as QUICK_STUDY, StudySettings, block_speedups, design, run_family
     settings = QUICK_STUDY if args.quick else StudySettings()
     classifier = train_classifier(data, work, quick=args.quick)
     out.mkdir(parents=True, exist_ok=True)
@@ -74,7 +74,7 @@ def main(argv=None):
         records = run_family(teacher, data, classifier, frechet_distance, settings, ablations, work)
         speed = None
         if args.speed_px:
-            designs = {n: ABLATIONS[n][1] for n in records["ablations"]}
+            designs = {n: design(n) for n in records["ablations"]}
             speed = block_speedups(family, designs, px=args.speed_px, repeats=1 if args.quick else 2)
         print(f"{family}: study done in {time.perf_counter() - t0:.0f} s; wrote "
               f"{write_family(out, family, teacher, records, speed, attention, args.speed_px)}", flush=True)
