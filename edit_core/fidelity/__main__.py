@@ -11,13 +11,15 @@ import sys
 import time
 from pathlib import Path
 
+from ..cli import Concatenate, comma_list
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m edit_core.fidelity", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=("teachers", "study"))
-    p.add_argument("--families", nargs="+", default=["sd3", "pixart"], help="(default: sd3 pixart)")
-    p.add_argument("--ablations", nargs="+", default=["a", "b", "c", "d", "e", "f", "g"],
+    p.add_argument("--families", nargs="+", type=comma_list(str), action=Concatenate, help="(default: sd3 pixart)")
+    p.add_argument("--ablations", nargs="+", type=comma_list(str), action=Concatenate,
                    help="student designs, see edit_core/fidelity/study.py (default: a b c d e f g)")
     p.add_argument("--work", default="results/fidelity/work", help="cache of teachers, classifier and teacher data "
                    "(default: results/fidelity/work)")
@@ -28,8 +30,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default (default: 0)")
     p.add_argument("--comfyui", help="ComfyUI folder (default: $EDIT_COMFYUI_DIR or the test host)")
     args = p.parse_args(argv)
-    flat = lambda items: [x for item in items for x in item.replace(",", " ").split()]  # noqa: E731
-    families, ablations = flat(args.families), flat(args.ablations)
+    families = args.families or ["sd3", "pixart"]
+    ablations = args.ablations or ["a", "b", "c", "d", "e", "f", "g"]
 
     from ..comfy_env import setup_comfy
     setup_comfy(args.comfyui)

@@ -14,7 +14,6 @@ is cached in a folder as safetensors (weights) + JSON (settings, data source, fi
 held-out accuracy, training time), keyed by a fingerprint of the settings and the data source.
 """
 import argparse
-import hashlib
 import json
 import math
 import sys
@@ -31,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..bank import EDiTError
+from ..distill.config import fingerprint
 from ..distill.files import complete
 from . import emoji
 
@@ -50,8 +50,7 @@ class ClassifierSettings:
     seed: int = 0
 
     def fingerprint(self, source: str) -> str:
-        text = json.dumps({"format": FORMAT, "settings": asdict(self), "source": source}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return fingerprint({"format": FORMAT, "settings": asdict(self), "source": source})
 
 
 DEFAULT = ClassifierSettings()

@@ -40,10 +40,9 @@ def loss_chart(histories: Dict[str, List[Dict]]) -> Image.Image:
 def sample_grid(records: Dict, px: int, best: Optional[str]) -> Image.Image:
     t = records["teacher"]
     columns = [("real", t["real"][px]), ("teacher", t["samples"][px])]
-    for name in ("a", best):
-        if name and name in records["ablations"] and (name == "a" or name != "a"):
-            if all(c[0] != f"student ({name})" for c in columns):
-                columns.append((f"student ({name})", records["ablations"][name]["samples"][px]))
+    for name in dict.fromkeys(("a", best)):  # (a), and the best design if it is another
+        if name in records["ablations"]:
+            columns.append((f"student ({name})", records["ablations"][name]["samples"][px]))
     n = min(len(c[1]) for c in columns)
     rows = [[picture(c[1][i]) for c in columns] for i in range(n)]
     labels = [caption.split(",")[0][:18] for caption in t["captions"][:n]]
