@@ -1,5 +1,5 @@
 """Apply an EDiT bank to a model."""
-from ..edit_core.patcher import EditOptions, apply_edit
+from ..edit_core.comfyui.patcher import EditOptions, apply_edit
 from .bank_nodes import BANK, check_layer_selection
 
 

@@ -5,7 +5,7 @@ import folder_paths
 
 from ..edit_core.bank import (DEFAULT_DESIGN, LEGACY_HPARAMS, MAX_QKV_RANK, EDiTError, bank_file_stem, default_hparam,
                                init_bank, load_bank, parse_layer_selection, save_bank, select_layers)
-from ..edit_core.comfy_model import model_spec
+from ..edit_core.comfyui.model import model_spec
 from .folders import EDIT_FOLDER, edit_folder
 
 BANK = "EDIT_BANK"

@@ -1,5 +1,5 @@
 """Seeded random conditioning: runs workflows on models without their text encoders."""
-from ..edit_core.tiny_models import random_conditioning
+from ..edit_core.fixtures.tiny_models import random_conditioning
 
 
 class EDiTRandomConditioning:

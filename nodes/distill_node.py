@@ -10,7 +10,7 @@ from ..edit_core.bank import EDiTError
 from ..edit_core.distill.config import MODES, DistillConfig, parse_ints, parse_resolutions
 from ..edit_core.distill.report import loss_curve, report_text
 from ..edit_core.distill.train import distill
-from ..edit_core.plots import to_comfy_image
+from ..edit_core.util.plots import to_comfy_image
 from .bank_nodes import BANK
 
 

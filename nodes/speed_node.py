@@ -1,8 +1,8 @@
 """Time a model with and without EDiT."""
 import comfy.utils
 
-from ..edit_core.plots import to_comfy_image
-from ..edit_core.speed import speed_test
+from ..edit_core.util.plots import to_comfy_image
+from ..edit_core.comfyui.speed import speed_test
 
 
 class EDiTSpeedTest:

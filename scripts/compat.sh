@@ -74,4 +74,4 @@ echo "compat: extra packages for ComfyUI $version: $("$py" -m pip list --disable
 
 cd "$repo"
 EDIT_COMFYUI_DIR=$comfy EDIT_PYTHON=$py bash scripts/test.sh -q \
-  tests/test_server.py tests/test_server_compat.py tests/test_workflows.py tests/test_patcher.py tests/test_stacking.py "$@"
+  tests/server/test_server.py tests/server/test_server_compat.py tests/client/test_workflows.py tests/comfyui/test_patcher.py tests/comfyui/test_stacking.py "$@"

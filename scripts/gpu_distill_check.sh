@@ -26,4 +26,4 @@ else
   echo "usage: bash scripts/gpu_distill_check.sh [--cpu-smoke]" >&2
   exit 2
 fi
-exec timeout 450 "$python" -m edit_core.distill.stepcheck "${args[@]}" --out "$out"
+exec timeout 450 "$python" -m research.distill_checks.stepcheck "${args[@]}" --out "$out"

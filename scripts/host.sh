@@ -10,12 +10,12 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 host=${EDIT_HOST_DIR:-$repo/.host}
 
-# The fidelity study's image set (edit_core/fidelity/emoji.py): one pinned npm package, fetched
+# The fidelity study's image set (research/fidelity/emoji.py): one pinned npm package, fetched
 # once from the npm registry and checked against its sha512 (62 MB).
 fetch_data() {
   export EDIT_DATA_DIR=${EDIT_DATA_DIR:-$host/data}
-  (cd "$repo" && "$EDIT_PYTHON" -c "from edit_core.fidelity import emoji; emoji.tarball_path()" 2>/dev/null) ||
-    (cd "$repo" && "$EDIT_PYTHON" -m edit_core.fidelity.emoji fetch "$EDIT_DATA_DIR")
+  (cd "$repo" && "$EDIT_PYTHON" -c "from research.fidelity import emoji; emoji.tarball_path()" 2>/dev/null) ||
+    (cd "$repo" && "$EDIT_PYTHON" -m research.fidelity.emoji fetch "$EDIT_DATA_DIR")
 }
 
 if [ -n "${EDIT_COMFYUI_DIR:-}" ]; then

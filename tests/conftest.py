@@ -19,7 +19,7 @@ SEED = int(os.environ.get("EDIT_TEST_SEED", random.SystemRandom().randrange(2**3
 
 # ComfyUI first: its top-level ``nodes`` module must win over this pack's ``nodes/`` folder.
 sys.path[:0] = [str(COMFYUI_DIR), str(REPO)]
-from edit_core.comfy_env import setup_comfy  # noqa: E402
+from edit_core.comfyui.env import setup_comfy  # noqa: E402
 
 setup_comfy(COMFYUI_DIR)
 
@@ -38,7 +38,7 @@ def fresh_seed(request):
 @pytest.fixture(scope="session")
 def tiny_models_dir(tmp_path_factory):
     """A ComfyUI models folder holding the built-in tiny models (written once per session)."""
-    from edit_core.tiny_models import write_tiny_models
+    from edit_core.fixtures.tiny_models import write_tiny_models
     models = tmp_path_factory.mktemp("models")
     write_tiny_models(models)
     return models
@@ -48,7 +48,7 @@ def tiny_models_dir(tmp_path_factory):
 def comfy_server(tmp_path_factory, tiny_models_dir):
     """A real ComfyUI server (its own process) with this pack in custom_nodes/ and the tiny
     models; one per test session."""
-    from edit_core.host_server import ComfyServer
+    from edit_core.client.server import ComfyServer
     server = ComfyServer(tmp_path_factory.mktemp("comfy_base"), comfyui_dir=COMFYUI_DIR, models=tiny_models_dir)
     with server:
         yield server

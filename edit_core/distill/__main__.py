@@ -176,7 +176,7 @@ def main(argv=None):
     import torch
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # ComfyUI takes the current device
-    from ..comfy_env import setup_comfy
+    from ..comfyui.env import setup_comfy
     setup_comfy(args.comfyui)
     import torch.distributed as dist
     import comfy.sd
@@ -184,8 +184,8 @@ def main(argv=None):
     from tqdm import tqdm
 
     from ..bank import EDiTError, init_bank, load_bank, save_bank, select_layers
-    from ..comfy_model import conditioning_dims, model_spec
-    from ..tiny_models import random_conditioning
+    from ..comfyui.model import conditioning_dims, model_spec
+    from ..fixtures.tiny_models import random_conditioning
     from .report import layer_error_chart, loss_curve, report_text
     from .train import distill
 

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..bank import EDiTError
-from .files import complete
+from ..util.safetensors_io import complete
 
 FORMAT = "comfyui-edit-distill-checkpoint"
 FIELDS = ("step", "history", "run", "param_groups", "layer_errors_before", "seconds_train")

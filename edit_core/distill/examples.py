@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .cache import Job, TeacherData
+from .teacher_data import Job, TeacherData
 from .losses import Example
 
 

@@ -27,8 +27,8 @@ import torch
 import torch.nn as nn
 
 from ..bank import EDiTBank, layer_kind
-from ..comfy_model import diffusion_model
-from ..patcher import STUDENT, TEACHER, call_model, edit_layer_args, layer_inputs
+from ..comfyui.model import diffusion_model
+from ..comfyui.patcher import STUDENT, TEACHER, call_model, edit_layer_args, layer_inputs
 
 
 @dataclass

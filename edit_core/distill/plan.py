@@ -27,8 +27,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..bank import BankConfig, EDiTBank, EDiTError, new_bank_config
-from ..cli import comma_list
-from ..memory import PeakTensorMemory, storage_bytes
+from ..util.cli import comma_list
+from ..util.memory import PeakTensorMemory, storage_bytes
 
 GiB = 2 ** 30
 MiB = 2 ** 20
@@ -128,9 +128,9 @@ class PlanModel:
     def __init__(self, model_config, bank_config: Optional[BankConfig], dtype, fake: bool = True, seed: int = 0,
                  device="cpu"):
         from torch._subclasses.fake_tensor import FakeTensorMode
-        from ..comfy_model import model_spec
-        from ..real_models import build_patcher
-        from ..tiny_models import randomize_
+        from ..comfyui.model import model_spec
+        from ..comfyui.architectures import build_patcher
+        from ..fixtures.tiny_models import randomize_
         from .losses import StudentLoss
         from .student import trainer_model
 
@@ -174,7 +174,7 @@ class PlanModel:
                 f"with AdamW state {gib(self.bank_bytes + self.optimizer_bytes)} GiB")
 
     def _inputs(self, batch: int, resolution: Tuple[int, int]):
-        from ..real_models import example_inputs
+        from ..comfyui.architectures import example_inputs
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(batch)
             x, t, conds = example_inputs(self.trainer, batch, resolution, self.dtype)
@@ -188,7 +188,7 @@ class PlanModel:
     def teacher_pass(self, resolution: Tuple[int, int]) -> Measured:
         """One sampler call of the teacher while generating teacher data: one image at a time
         (trajectories.generate), CFG's cond and uncond rows together."""
-        from ..patcher import TEACHER, call_model
+        from ..comfyui.patcher import TEACHER, call_model
 
         def run():
             x, t, conds = self._inputs(2, resolution)
@@ -246,7 +246,7 @@ def _discard(name, grid, tensors):
 @lru_cache(maxsize=4)
 def fake_model(arch_key: str, bank_key: str, dtype_name: str) -> PlanModel:
     """Built once per (architecture, bank, dtype) in a process; measurements are cached on it too."""
-    from ..real_models import model_config_from_unet_config
+    from ..comfyui.architectures import model_config_from_unet_config
     unet_config = json.loads(arch_key)
     bank_config = None if not bank_key else _bank_config_from_key(bank_key)
     return PlanModel(model_config_from_unet_config(unet_config, "the model"), bank_config, getattr(torch, dtype_name))
@@ -334,7 +334,7 @@ def targets(model: PlanModel, prompts: int, seeds: int) -> List[Tuple[str, str, 
         out.append((f"{'layer-wise' if mode == 'layerwise' else 'end-to-end'} step <= {limit:g} GiB @{res} px",
                     f"{gib(peak)} GiB", peak <= limit * GiB))
     per_image = teacher_data_estimate(model, [(1024, 1024)], prompts, seeds)["per_image"]
-    from .cache import image_bytes
+    from .teacher_data import image_bytes
     from .config import DistillConfig
     shard = image_bytes(model.trainer.model.latent_format.latent_channels, (1024, 1024), DistillConfig().sample_steps)
     out.append(("teacher data <= 2 MiB per image @1024 px: the image's own file", f"{shard / MiB:.3f} MiB ({shard} B)",
@@ -351,9 +351,9 @@ def teacher_data_estimate(model: PlanModel, resolutions: Sequence[Tuple[int, int
     """Teacher data on disk, as the distillation writes it (cache.teacher_data_bytes): per
     image its final latent and call sigmas, per prompt (and the negative prompt) its
     conditioning, float32."""
-    from ..comfy_model import conditioning_dims
-    from ..real_models import PROMPT_TOKENS
-    from .cache import teacher_data_bytes
+    from ..comfyui.model import conditioning_dims
+    from ..comfyui.architectures import PROMPT_TOKENS
+    from .teacher_data import teacher_data_bytes
     from .config import DistillConfig
     channels = model.trainer.model.latent_format.latent_channels
     context_dim, pooled_dim = conditioning_dims(model.trainer)
@@ -404,7 +404,7 @@ def check_fits(model_patcher, config, bank_config: Optional[BankConfig], device,
     device's free memory (CUDA, or ``device_memory`` bytes when given). On a CPU without
     ``device_memory`` nothing is refused. Builds the loaded model's own architecture, fake;
     measurements are cached per (architecture, bank, resolution, mode, batch) in the process."""
-    from ..real_models import model_config_of
+    from ..comfyui.architectures import model_config_of
     name = f"the loaded {type(model_patcher.model).__name__} model"
     plan = make_plan(model_config_of(model_patcher), name, config.resolutions, config.mode, config.batch_size,
                      device_budget(device, reserve, device_memory), bank_config, dtype, prompts=n_prompts,
@@ -437,9 +437,9 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from ..comfy_env import setup_comfy
+    from ..comfyui.env import setup_comfy
     setup_comfy(args.comfyui)
-    from ..real_models import model_config_for
+    from ..comfyui.architectures import model_config_for
     resolutions = sorted({r for group in args.resolutions for r in group})
     if not resolutions or min(resolutions) < 64 or any(r % 16 for r in resolutions):
         raise EDiTError(f"--resolutions must be multiples of 16 px, at least 64, got {resolutions}")

@@ -2,7 +2,7 @@
 import math
 from typing import List
 
-from ..plots import line_chart, paired_bar_chart
+from ..util.plots import line_chart, paired_bar_chart
 from .train import DistillResult
 
 

@@ -9,14 +9,14 @@ and weights autograd can use.
 - ``trainable_weights``: ComfyUI loads models under ``torch.inference_mode``, and autograd may
   not save inference tensors for backward. Each such parameter and buffer is replaced, once
   per run and one at a time, by a normal tensor with the same values: the peak grows by one
-  parameter, and no second copy of the weights exists (tests/test_distill_memory.py).
+  parameter, and no second copy of the weights exists (tests/distill/test_distill_memory.py).
 """
 import torch
 import torch.utils.checkpoint
 
 from ..bank import EDiTBank
-from ..comfy_model import diffusion_model, model_spec
-from ..patcher import apply_edit, edit_state_of
+from ..comfyui.model import diffusion_model, model_spec
+from ..comfyui.patcher import apply_edit, edit_state_of
 
 
 class CheckpointedBlock:

@@ -26,8 +26,8 @@ import comfy.model_management
 import comfy.samplers
 
 from ..bank import EDiTBank, EDiTError, init_bank
-from ..comfy_model import model_spec
-from .cache import TeacherData, cond_bytes, image_bytes, image_jobs
+from ..comfyui.model import model_spec
+from .teacher_data import TeacherData, cond_bytes, image_bytes, image_jobs
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import DistillConfig, Phase, fingerprint
 from .examples import batch, layer_subset, make_example

@@ -14,8 +14,8 @@ import torch
 import comfy.model_management
 import comfy.sample
 
-from ..patcher import TEACHER, add_wrapper_outside_edit
-from .cache import Job, TeacherData
+from ..comfyui.patcher import TEACHER, add_wrapper_outside_edit
+from .teacher_data import Job, TeacherData
 
 WRAPPER_KEY = "comfyui_edit_distill"
 
