@@ -3,15 +3,19 @@ import os
 
 import folder_paths
 
-from ..edit_core.bank import (DEFAULT_DESIGN, LEGACY_HPARAMS, MAX_QKV_RANK, EDiTError, bank_file_stem, default_hparam,
-                               init_bank, load_bank, parse_layer_selection, save_bank, select_layers)
+from ..edit_core.bank import (EDiTError, bank_file_stem, init_bank, load_bank, parse_layer_selection, save_bank,
+                               select_layers)
+from ..edit_core.bank.options import SETTINGS, options_from_widgets
 from ..edit_core.comfyui.model import model_spec
+from ..edit_core.util.settings import widgets
 from .folders import EDIT_FOLDER, edit_folder
 
 BANK = "EDIT_BANK"
-# Said by the widgets whose default is DEFAULT_DESIGN's.
-DESIGN_NOTE = (" The default is the design the fidelity study picked (docs/fidelity.md); banks made before it: "
-               + ", ".join(f"{key} {LEGACY_HPARAMS[key]}" for key in DEFAULT_DESIGN) + ".")
+# The untrained bank's options the node shows: all of them, as the fidelity study compared them
+# (docs/fidelity.md); the model-wide ones always, the student design as optional widgets whose
+# defaults are the study's pick. In widget order (saved workflows depend on it).
+REQUIRED_OPTIONS = ("reduction", "eta_mode")
+DESIGN_OPTIONS = ("cf_kernel", "sc_kernel", "sc_stride", "local_kernel", "local_placement", "cf_input", "qkv_rank")
 
 
 def check_layer_selection(layers):
@@ -55,44 +59,18 @@ class EDiTInitFromModel:
             "layers": ("STRING", {"default": "all", "tooltip":
                                   "Which attention layers to convert: 'all' (or blank), or block indices/ranges "
                                   "such as '0-12' or '0-12:attn2' (SD3.5 MMDiT-X image attention only)."}),
-            "reduction": ("INT", {"default": default_hparam("reduction"), "min": 1, "max": 1024, "tooltip":
-                                  "ConvFusion channel reduction r (hidden channels = width / r). 32 keeps the "
-                                  "branch under 4% of a block's dense compute."}),
-            "eta_mode": (["learned", "ratio"], {"default": default_hparam("eta_mode"), "tooltip":
-                                                "Hybrid attention mix: token ratio N/(N+M), with a learned per-head "
-                                                "offset ('learned') or fixed ('ratio')."}),
+            **widgets(SETTINGS, REQUIRED_OPTIONS),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF}),
-        }, "optional": {  # the student design (issue 11); the defaults: DEFAULT_DESIGN
-            "cf_kernel": ("INT", {"default": default_hparam("cf_kernel"), "min": 0, "max": 15, "tooltip":
-                                  "ConvFusion kernel size (odd); 0: no ConvFusion (q~ = ReLU(q))."}),
-            "sc_kernel": ("INT", {"default": default_hparam("sc_kernel"), "min": 1, "max": 15, "tooltip":
-                                  "k/v compressor kernel size (odd)." + DESIGN_NOTE}),
-            "sc_stride": ("INT", {"default": default_hparam("sc_stride"), "min": 1, "max": 2, "tooltip":
-                                  "k/v compressor stride: 2 (4x fewer keys) or 1; 1 with sc_kernel 1: no compression."
-                                  + DESIGN_NOTE}),
-            "local_kernel": ("INT", {"default": default_hparam("local_kernel"), "min": 0, "max": 15, "tooltip":
-                                     "Local value branch kernel size (odd); 0: no local branch."}),
-            "local_placement": (["inside", "outside"], {"default": default_hparam("local_placement"), "tooltip":
-                                                        "SD3: the local branch inside the eta-weighted term (its "
-                                                        "strength changes with resolution) or added outside it. "
-                                                        "PixArt has no eta: both are the same."}),
-            "cf_input": (["default", "residual", "modulated"], {"tooltip":
-                                                                "What ConvFusion reads on SD3: the block's residual "
-                                                                "stream or the modulated attention input. default: "
-                                                                "residual on SD3, modulated on PixArt (its only choice)."}),
-            "qkv_rank": ("INT", {"default": default_hparam("qkv_rank"), "min": 0, "max": MAX_QKV_RANK, "tooltip":
-                                 "Rank of a learned low-rank update of each converted layer's normalised image q/k/v "
-                                 "(read from the attention input); 0: none." + DESIGN_NOTE}),
-        }}
+        }, "optional": widgets(SETTINGS, DESIGN_OPTIONS)}
 
     @classmethod
     def VALIDATE_INPUTS(cls, layers):
         return check_layer_selection(layers)
 
-    def init(self, model, layers, reduction, eta_mode, seed, cf_input="default", **options):
+    def init(self, model, layers, reduction, eta_mode, seed, **design):
         spec = model_spec(model)
-        return (init_bank(spec, select_layers(spec.layers, layers), seed=seed, reduction=reduction, eta_mode=eta_mode,
-                          cf_input=None if cf_input == "default" else cf_input, **options),)
+        options = options_from_widgets(dict(design, reduction=reduction, eta_mode=eta_mode))
+        return (init_bank(spec, select_layers(spec.layers, layers), seed=seed, **options),)
 
 
 class SaveEDiT:

@@ -6,11 +6,12 @@ import comfy.samplers
 import comfy.utils
 import folder_paths
 
-from ..edit_core.bank import EDiTError
-from ..edit_core.distill.config import MODES, DistillConfig, parse_ints, parse_resolutions
+from ..edit_core.errors import EDiTError
+from ..edit_core.distill.config import SETTINGS, DistillConfig
 from ..edit_core.distill.report import loss_curve, report_text
 from ..edit_core.distill.train import distill
 from ..edit_core.util.plots import to_comfy_image
+from ..edit_core.util.settings import values_from, widgets
 from .bank_nodes import BANK
 
 
@@ -22,6 +23,12 @@ def _conditionings(clip, conditioning, prompts, what):
     if clip is None:
         raise EDiTError(f"EDiT Distill needs a CLIP (to encode the {what}) or a connected {what} CONDITIONING")
     return [clip.encode_from_tokens_scheduled(clip.tokenize(p)) for p in prompts]
+
+
+# The DistillConfig settings the node shows, in widget order (saved workflows depend on it);
+# the others keep their defaults here and are flags of python -m edit_core.distill.
+SHOWN = ("resolutions", "seeds", "sampler", "scheduler", "sample_steps", "cfg", "train_steps", "lr", "mode",
+         "batch_size", "seed")
 
 
 class EDiTDistill:
@@ -42,18 +49,8 @@ class EDiTDistill:
                 "prompts": ("STRING", {"multiline": True, "default": "a photo of a cat\na city street at night",
                                        "tooltip": "One prompt per line (encoded with the CLIP input)."}),
                 "negative_prompt": ("STRING", {"multiline": True, "default": ""}),
-                "resolutions": ("STRING", {"default": "512", "tooltip":
-                                           "Comma-separated, trained in ascending order: '512,1024' or '768x512'."}),
-                "seeds": ("STRING", {"default": "0,1", "tooltip": "Noise seeds per prompt for the teacher data."}),
-                "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"default": "euler"}),
-                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "simple"}),
-                "sample_steps": ("INT", {"default": 20, "min": 1, "max": 200}),
-                "cfg": ("FLOAT", {"default": 4.0, "min": 0.0, "max": 30.0, "step": 0.1}),
-                "train_steps": ("INT", {"default": 500, "min": 1, "max": 1000000}),
-                "learning_rate": ("FLOAT", {"default": 0.001, "min": 1e-6, "max": 1.0, "step": 0.0001}),
-                "mode": (list(MODES), {"tooltip": "layer-wise (fast, low memory) then end-to-end, or either alone."}),
-                "batch_size": ("INT", {"default": 2, "min": 1, "max": 256}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF}),
+                **widgets(SETTINGS, SHOWN, choices={"sampler": comfy.samplers.KSampler.SAMPLERS,
+                                                    "scheduler": comfy.samplers.KSampler.SCHEDULERS}),
             },
             "optional": {
                 "clip": ("CLIP", {"tooltip": "Encodes prompts and negative prompt."}),
@@ -65,20 +62,17 @@ class EDiTDistill:
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def run(self, model, prompts, negative_prompt, resolutions, seeds, sampler_name, scheduler, sample_steps, cfg,
-            train_steps, learning_rate, mode, batch_size, seed, clip=None, positive=None, negative=None,
-            edit_bank=None, latent=None, unique_id=None):
-        for name, value in (("cfg", cfg), ("learning_rate", learning_rate)):
-            if not math.isfinite(value):
-                raise EDiTError(f"EDiT Distill: {name} must be a finite number, got {value}")
+    def run(self, model, prompts, negative_prompt, clip=None, positive=None, negative=None, edit_bank=None,
+            latent=None, unique_id=None, **settings):
+        for name in ("cfg", "learning_rate"):
+            if not math.isfinite(settings[name]):
+                raise EDiTError(f"EDiT Distill: {name} must be a finite number, got {settings[name]}")
         lines = [p.strip() for p in prompts.splitlines() if p.strip()]
         pos = _conditionings(clip, positive, lines, "prompts")
         neg = _conditionings(clip, negative, [negative_prompt], "negative prompt")[0]
         if not pos:
             raise EDiTError("EDiT Distill: no prompts")
-        config = DistillConfig(resolutions=parse_resolutions(resolutions), seeds=parse_ints(seeds),
-                               sampler=sampler_name, scheduler=scheduler, sample_steps=sample_steps, cfg=cfg,
-                               train_steps=train_steps, batch_size=batch_size, lr=learning_rate, mode=mode, seed=seed,
+        config = DistillConfig(**values_from(SETTINGS, settings, by="widget"),
                                task_weight=1.0 if latent is not None else 0.0)
         bars = {}
 

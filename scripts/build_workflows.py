@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from edit_core.client.server import ComfyServer  # noqa: E402
-from edit_core.client.workflow import api_to_ui  # noqa: E402
+from edit_core.client.ui_format import api_to_ui  # noqa: E402
 
 SD35_CKPT = "sd3.5_medium.safetensors"
 SD3_TEXT_ENCODERS = ("clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors")

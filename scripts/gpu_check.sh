@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (issue 12): SDPA vs EDiT vs the Amdahl bound in full-depth SD3.5-Medium and
+# The GPU check: SDPA vs EDiT vs the Amdahl bound in full-depth SD3.5-Medium and
 # PixArt-Sigma (ComfyUI's classes, random weights, bf16) at 1024/2048/4096 px, eager and under
 # ComfyUI's torch.compile path, plus the block level; see research/bench/gpu_check.py.
 # Writes results.md, results.json and PNG plots under $OUT (default: results/gpu_check, git-ignored).

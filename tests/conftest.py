@@ -52,3 +52,10 @@ def comfy_server(tmp_path_factory, tiny_models_dir):
     server = ComfyServer(tmp_path_factory.mktemp("comfy_base"), comfyui_dir=COMFYUI_DIR, models=tiny_models_dir)
     with server:
         yield server
+
+
+def pytest_collection_modifyitems(items):
+    """A test on the session's ComfyUI server is a `server` test, whichever file it is in."""
+    for item in items:
+        if "comfy_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.server)

@@ -20,7 +20,8 @@ import comfy.supported_models
 
 from edit_core.bank import ModelSpec, init_bank, save_bank
 from edit_core.client.batch import Job, run_batch
-from edit_core.client.workflow import load_graph, use_tiny_models
+from edit_core.client.tiny_workflow import use_tiny_models
+from edit_core.client.workflow import load_graph
 from edit_core.comfyui.patcher import model_call_options
 from edit_core.fixtures.tiny_models import SD3_CONTEXT_DIM, SD3_POOLED_DIM, randomize_
 
@@ -29,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The student design of the banks made before issue 11's default switch (what a file without
 # the optional hparams means): for tests about that design, passed to init_bank explicitly.
-LEGACY_DESIGN = {"sc_kernel": 3, "sc_stride": 2, "qkv_rank": 0}
+ORIGINAL_DESIGN = {"sc_kernel": 3, "sc_stride": 2, "qkv_rank": 0}
 
 
 def sd3_inputs(batch=2, latent_hw=(25, 39), tokens=10, sigma=0.7):

@@ -1,4 +1,5 @@
-"""EDiT layers as nn.Modules built from plain hyper-parameters.
+"""EDiT layers as nn.Modules built from plain hyper-parameters; their attention read-outs are
+functional.py's.
 
 Token tensors are (B, N, C) with N = h * w tokens in row-major grid order. A (B, N, C)
 tensor viewed as (B, h, w, C) and permuted to (B, C, h, w) *is* a channels-last image, so
@@ -13,7 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .functional import EPS, SoftmaxAttention, linear_attention_state, sdpa, token_ratio_eta
+from .functional import (SoftmaxAttention, add_linear_attention, linear_attention_state, mix_image_rows, sdpa,
+                         token_ratio_eta)
 from .functional import prompt_rows as joint_prompt_rows
 
 Grid = Tuple[int, int]
@@ -52,30 +54,10 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
-def compressed_grid(grid: Grid, stride: int = 2) -> Grid:
-    """Grid after SpatialCompressor: ceil(h/s) x ceil(w/s) (odd window k, stride s, k//2 padding);
-    stride 1 keeps the grid."""
-    h, w = grid
-    return -(-h // stride), -(-w // stride)
-
-
 class ConvFusion(nn.Module):
-    """ConvFusion query branch: tokens -> grid -> 3x3 conv C_in -> C_in/r -> GroupNorm ->
-    LeakyReLU -> 1x1 conv C_in/r -> C_out (zero-initialised) -> tokens.
-
-    Its output is added to the model's own q (project decision: W_q * Conv1x1 is itself a
-    1x1 conv, so mapping straight into q-space keeps one projection, the model's). The 1x1
-    conv is a Linear on the tokens.
-
-    Cost per token: 9*C_in*C_in/r + C_in/r*C_out multiply-adds = 10*C^2/r for C_in = C_out = C.
-    A block's dense work per image token is 12*C^2 (qkv 3C^2, proj C^2, MLP 8C^2), 16*C^2
-    for an SD3.5 MMDiT-X block (attn2 adds 4C^2) and 14*C^2 for PixArt-Sigma (cross-attention
-    q and out projections add 2C^2). With the default r = 32 the branch costs 10/32 C^2 =
-    2.6% of an SD3 joint block, 2.2% of a PixArt block, and 3.9% of an MMDiT-X block with
-    both of its attentions converted (two branches). At SD3.5-Medium's C = 1536 that is
-    737,280 multiply-adds per token (48 hidden channels); at PixArt-Sigma's C = 1152,
-    414,720 (36 hidden channels).
-    """
+    """ConvFusion query branch, added to the model's own q (docs/design.md section 1): tokens ->
+    grid -> 3x3 conv C_in -> C_in/r -> GroupNorm -> LeakyReLU -> 1x1 conv C_in/r -> C_out
+    (zero-initialised, a Linear on the tokens) -> tokens."""
 
     def __init__(self, in_channels: int, out_channels: int, reduction: int = DEFAULT_REDUCTION,
                  kernel_size: int = 3, negative_slope: float = 0.01):
@@ -108,16 +90,10 @@ def binomial_kernel(size: int = 3) -> torch.Tensor:
 
 
 class SpatialCompressor(nn.Module):
-    """Depthwise k x k conv (k odd, default 3), stride 2 (default) or 1, over the token grid:
-    4x fewer keys/values at stride 2.
-
-    Any h, w >= 1 works: the grid is edge-padded by k//2 rows/columns on each side
-    (replicate, so a constant field stays constant at the borders), giving
-    ``compressed_grid(grid, stride)`` tokens out. Initialised as a normalised binomial
-    low-pass with zero bias, so an untrained compressor is an anti-aliased 2x downsample;
-    with k = 1 and stride 1 it is a learned per-channel scale and shift that starts as the
-    identity (no compression).
-    """
+    """Depthwise k x k conv (k odd), stride 2 or 1, over the token grid with k//2 replicate
+    padding: any h, w >= 1 gives ceil(h/s) x ceil(w/s) tokens. Starts as a normalised binomial
+    low-pass (docs/design.md section 1); k = 1, stride 1 is a per-channel scale and shift that
+    starts as the identity."""
 
     def __init__(self, channels: int, kernel_size: int = 3, stride: int = 2):
         super().__init__()
@@ -168,14 +144,9 @@ class SpatialCompressor(nn.Module):
 
 
 class LocalValueConv(nn.Module):
-    """Depthwise k x k conv (stride 1) over the value grid, added to the linear attention
-    output: the local detail ReLU linear attention cannot focus on (project decision, as in
-    the rank-restoring depthwise conv of Focused Linear Attention and Agent Attention). The
-    paper's student re-trains the model's q/k/v projections; ours stay frozen (one projection,
-    the model's, LoRA-safe), and this branch gives back the capacity for local attention.
-    Zero-initialised, so an untrained layer is plain linear attention. Cost: k*k multiply-adds
-    per channel per token (9 * C), under 1% of a qkv projection at C >= 1152.
-    """
+    """Depthwise k x k conv (stride 1) over the value grid, added to the linear attention output
+    (the local value branch of docs/design.md section 1). Zero-initialised: an untrained layer
+    is plain linear attention."""
 
     def __init__(self, channels: int, kernel_size: int = 3):
         super().__init__()
@@ -194,16 +165,10 @@ class LocalValueConv(nn.Module):
 
 
 class LowRankQKV(nn.Module):
-    """A LoRA-style update of one layer's image q, k and v: (dq, dk, dv) = (B_q A_q h, B_k A_k h,
-    B_v A_v h) with h the input of the model's qkv projection (the modulated attention input),
-    A: C_in -> r (as nn.Linear initialises it), B: r -> C (zero-initialised, so an untrained
-    update is no update).
-
-    It is added to the q, k, v that ComfyUI hands the attention, which are *after* the
-    model's q/k RMS-norm: a low-rank update of the normalised q/k/v. That needs no second qkv
-    projection and no patch outside the attention override, and the model's own projection
-    stays frozen and LoRA-safe. Cost per token: 3 * (C_in * r + r * C) multiply-adds.
-    """
+    """The ``qkv_rank`` update of docs/design.md section 3: (dq, dk, dv) = (B_j A_j h) for j = q,
+    k, v, with h the input of the model's qkv projection, A: C_in -> r (nn.Linear's init) and
+    B: r -> C (zero-initialised: an untrained update is no update). It is added to the
+    normalised q, k, v that ComfyUI hands the attention."""
 
     def __init__(self, in_channels: int, channels: int, rank: int):
         super().__init__()
@@ -256,37 +221,19 @@ class EDiTAttention(nn.Module):
         v_lin = self.sc_v(v, grid)
         return tuple(split_heads(t, self.heads) for t in (q_lin, k_lin, v_lin))
 
-    def image_image_tokens(self, x, q, k, v, grid: Grid) -> torch.Tensor:
-        """The image-image interaction as (B, N, C) tokens: linear attention plus the local
-        branch, accumulated in place into the local branch's output (the normalising division
-        and the sum in one pass), so nothing is transposed or copied on the way out."""
+    def forward(self, x, q, k, v, grid: Grid, h=None) -> torch.Tensor:
+        """h: the input of the model's qkv projection, read by the low-rank update; None means x.
+        Linear attention is added in place into the local branch's (B, N, C) output, so nothing
+        is transposed or copied on the way out."""
+        q, k, v = self.updated_qkv(x if h is None else h, q, k, v)
         q_lin, k_lin, v_lin = self.features(x, q, k, v, grid)
         state = linear_attention_state(k_lin, v_lin)
         local = v.new_zeros(v.shape) if self.local is None else self.local(v, grid)
-        acc = split_heads(local, self.heads)
-        # One batch at a time: q_lin's head view is strided, and a batched matmul would copy
-        # it whole to fold B and H into one batch dimension.
-        for i in range(q_lin.shape[0]):
-            out = q_lin[i].to(state.dtype) @ state[i]
-            acc[i].addcdiv_(out[..., :-1], out[..., -1:] + EPS)
+        add_linear_attention(split_heads(local, self.heads), q_lin, state)
         return local
-
-    def image_image(self, x, q, k, v, grid: Grid) -> torch.Tensor:
-        """The image-image interaction, (B, H, N, D): linear attention plus the local branch."""
-        return split_heads(self.image_image_tokens(x, q, k, v, grid), self.heads)
-
-    def forward(self, x, q, k, v, grid: Grid, h=None) -> torch.Tensor:
-        """h: the input of the model's qkv projection, read by the low-rank update; None means x."""
-        q, k, v = self.updated_qkv(x if h is None else h, q, k, v)
-        return self.image_image_tokens(x, q, k, v, grid)
 
 
 LOCAL_PLACEMENTS = ("inside", "outside")
-
-
-def _add_scaled(acc: torch.Tensor, t: torch.Tensor, weight) -> torch.Tensor:
-    """acc += weight * t in place, for a float or a tensor weight."""
-    return acc.addcmul_(t, weight) if torch.is_tensor(weight) else acc.add_(t, alpha=weight)
 
 
 class HybridEDiTAttention(EDiTAttention):
@@ -315,9 +262,8 @@ class HybridEDiTAttention(EDiTAttention):
         self.eta_offset = nn.Parameter(torch.zeros(heads)) if eta_mode == "learned" else None
 
     def mix_weights(self, n_img: int, n_txt: int):
-        """(eta, 1 - eta): floats, or float32 (1, H, 1, 1) tensors with a learned offset. 1 - eta
-        is computed as such (sigmoid(-logit)), not rounded from eta: at 65536 image and 333
-        prompt tokens eta is 0.995, and 1 - eta from a bf16 eta is off by tens of percent."""
+        """(eta, 1 - eta): floats, or float32 (1, H, 1, 1) tensors with a learned offset; 1 - eta
+        is sigmoid(-logit), not rounded from eta (see mix_image_rows)."""
         ratio = token_ratio_eta(n_img, n_txt)
         if self.eta_offset is None:
             return ratio, n_txt / (n_img + n_txt)
@@ -325,29 +271,15 @@ class HybridEDiTAttention(EDiTAttention):
         logit = math.log(ratio / (1.0 - ratio)) + offset
         return torch.sigmoid(logit).view(1, -1, 1, 1), torch.sigmoid(-logit).view(1, -1, 1, 1)
 
-    def eta(self, n_img: int, n_txt: int):
-        return self.mix_weights(n_img, n_txt)[0]
-
     def image_rows(self, x, q, k, v, grid: Grid, soft: torch.Tensor, eta, rest) -> torch.Tensor:
-        """The image rows (B, N, C): eta * linear + rest * soft, plus the local branch (times eta
-        inside, alone outside), summed in float32 one batch at a time and rounded once to v's dtype."""
+        """The image rows (B, N, C) in v's dtype: mix_image_rows with the local branch times eta
+        (inside) or alone (outside)."""
         q_lin, k_lin, v_lin = self.features(x, q, k, v, grid)
         state = linear_attention_state(k_lin, v_lin)
         local = None if self.local is None else split_heads(self.local(v, grid), self.heads)
         local_weight = eta if self.local_placement == "inside" else 1.0
         out = v.new_empty(v.shape)
-        rows = split_heads(out, self.heads)
-        eta, rest, local_weight = (w[0] if torch.is_tensor(w) else w for w in (eta, rest, local_weight))
-        # One batch at a time: q_lin's head view is strided, and a batched matmul would copy
-        # it whole to fold B and H into one batch dimension; the float32 sum lives in the
-        # matmul's own output.
-        for i in range(q_lin.shape[0]):
-            o = q_lin[i].to(state.dtype) @ state[i]
-            mix = o[..., :-1].mul_(eta / (o[..., -1:] + EPS))
-            _add_scaled(mix, soft[i], rest)
-            if local is not None:
-                _add_scaled(mix, local[i], local_weight)
-            rows[i].copy_(mix)
+        mix_image_rows(split_heads(out, self.heads), q_lin, state, soft, eta, rest, local, local_weight)
         return out
 
     def forward(self, x, q_txt, k_txt, v_txt, q, k, v, grid: Grid,

@@ -1,9 +1,6 @@
-"""Float64 references, written the slow obvious way, for every fast path in edit_core.
-
-Explicit N x M similarity matrices, explicit softmax, convolutions as sums of shifted
-grid slices, GroupNorm from its definition. Nothing here is used at run time; tests and
-the benchmark hold the fast code against it.
-"""
+"""Float64 references for functional.py and layers.py, written the slow obvious way (explicit
+N x M similarities, convolutions as sums of shifted grid slices, GroupNorm from its
+definition). Only the tests use them."""
 import math
 
 import torch

@@ -1,2 +1,3 @@
-"""HTTP tooling around a ComfyUI server (no torch, no ComfyUI import): workflow files, the
-batch client, the server launcher and the example run."""
+"""HTTP tooling around a ComfyUI server (no torch, no ComfyUI import): API workflows and their
+batch edits, the tiny-model substitution, the UI format, the batch client, the server launcher
+and the example run."""

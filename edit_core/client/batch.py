@@ -33,7 +33,8 @@ import aiohttp
 from tqdm import tqdm
 
 from ..util.cli import Concatenate, comma_list
-from .workflow import Graph, WorkflowError, load_graph, use_tiny_models, with_settings
+from .tiny_workflow import use_tiny_models
+from .workflow import Graph, WorkflowError, load_graph, with_settings
 
 
 @dataclass
@@ -227,79 +228,109 @@ async def run_batch(graph: Graph, jobs: List[Job], servers: List[str], out: Path
     """Run the jobs, one at a time per server; returns their results by job index. Cancelled
     (Ctrl-C), it takes the running prompts off the servers and returns what finished, with
     the jobs it stopped marked 'interrupted'."""
-    out.mkdir(parents=True, exist_ok=True)
-    run_id = time.strftime("%Y%m%d-%H%M%S")  # starts this run's image names: no earlier file is overwritten
-    queue: asyncio.Queue = asyncio.Queue()
-    for job in jobs:
-        queue.put_nowait(job)
-    results: List[Result] = []
-    live = set(servers)
-    bar = tqdm(total=len(jobs), unit="job", file=sys.stderr)
-
-    def record(result: Result):
-        results.append(result)
-        with open(out / "results.jsonl", "a") as f:
-            f.write(json.dumps({"run": run_id, **asdict(result)}) + "\n")
-        bar.update(1)
-        if result.status != "success":
-            log(f"{result.job.name} on {result.server or '-'}: {result.status}: {result.message}")
-
-    def job_graph(job: Job) -> Graph:
-        return with_settings(graph, job.prompt, job.seed, job.size, job.edit)
-
-    async def worker(url: str):
-        async with aiohttp.ClientSession() as session:
-            client = Client(url, session, timeout)
-            try:
-                await client.connect()
-                if warmup and jobs:  # loads the models; another seed so its results are not cached
-                    warm = jobs[0]
-                    bar.set_postfix_str(f"warm-up on {url}")
-                    await client.run(with_settings(graph, warm.prompt, (warm.seed or 0) + 7919, warm.size, warm.edit))
-                while not queue.empty():
-                    job = queue.get_nowait()
-                    bar.set_postfix_str(f"{job.name} on {url}")
-                    try:
-                        history = await client.run(job_graph(job), lambda v, m: bar.set_postfix_str(
-                            f"{job.name} on {url}: step {v}/{m}"))
-                    except WorkflowError as e:
-                        status = "interrupted" if str(e) == "interrupted" else (
-                            "rejected" if str(e).startswith("rejected") else "error")
-                        record(Result(job, status, url, message=str(e)))
-                        continue
-                    except ServerDown:
-                        queue.put_nowait(job)  # another server takes it
-                        raise
-                    except asyncio.CancelledError:
-                        record(Result(job, "interrupted", url, message="stopped by Ctrl-C; the server was asked to drop it"))
-                        raise
-                    files = []
-                    for node_out in history.get("outputs", {}).values():
-                        for image in node_out.get("images", []):
-                            if image.get("type") != "output":
-                                continue
-                            name = f"{run_id}_{job.name}_{len(files)}{Path(image['filename']).suffix}"
-                            files.append(str(write_new_file(out, name, await client.download(image))))
-                    record(Result(job, "success", url, execution_seconds(history), files=files))
-            except ServerDown as e:
-                live.discard(url)
-                log(f"server {url} dropped: {e}")
-            except WorkflowError as e:  # the warm-up failed: the workflow itself is broken here
-                live.discard(url)
-                log(f"server {url}: warm-up failed: {e}")
-            finally:
-                await client.close()
-
+    run = BatchRun(graph, jobs, servers, out, timeout, warmup, log)
     try:
-        while not queue.empty() and live:  # again while jobs that a dropped server gave back remain
-            await asyncio.gather(*(worker(u) for u in sorted(live)))
-        while not queue.empty():
-            record(Result(queue.get_nowait(), "server-down", message="no server left to run it"))
+        await run.dispatch()
     except asyncio.CancelledError:
         pass  # Ctrl-C: the workers have taken their prompts off the servers; keep what finished
     finally:
-        bar.close()
-    return sorted(results, key=lambda r: r.job.index)
+        run.bar.close()
+    return sorted(run.results, key=lambda r: r.job.index)
+
+
+class BatchRun:
+    """One batch run's shared state: the job queue, the servers still up, the results so far
+    (each also appended to out/results.jsonl) and the progress bar."""
+
+    def __init__(self, graph: Graph, jobs: List[Job], servers: List[str], out: Path, timeout: float,
+                 warmup: bool, log):
+        out.mkdir(parents=True, exist_ok=True)
+        self.graph, self.jobs, self.out, self.timeout, self.warmup, self.log = graph, jobs, out, timeout, warmup, log
+        self.run_id = time.strftime("%Y%m%d-%H%M%S")  # starts this run's image names: no earlier file is overwritten
+        self.queue: asyncio.Queue = asyncio.Queue()
+        for job in jobs:
+            self.queue.put_nowait(job)
+        self.results: List[Result] = []
+        self.live = set(servers)
+        self.bar = tqdm(total=len(jobs), unit="job", file=sys.stderr)
+
+    async def dispatch(self):
+        """A worker per live server; again while jobs that a dropped server gave back remain."""
+        while not self.queue.empty() and self.live:
+            await asyncio.gather(*(self.serve(u) for u in sorted(self.live)))
+        while not self.queue.empty():
+            self.record(Result(self.queue.get_nowait(), "server-down", message="no server left to run it"))
+
+    async def serve(self, url: str):
+        """One server's worker: warm up, then take jobs until none is left. A server that goes
+        down, or fails the warm-up, is dropped."""
+        async with aiohttp.ClientSession() as session:
+            client = Client(url, session, self.timeout)
+            try:
+                await client.connect()
+                if self.warmup and self.jobs:
+                    await self.warm_up(client, url)
+                while not self.queue.empty():
+                    await self.run_job(client, url, self.queue.get_nowait())
+            except ServerDown as e:
+                self.live.discard(url)
+                self.log(f"server {url} dropped: {e}")
+            except WorkflowError as e:  # the warm-up failed: the workflow itself is broken here
+                self.live.discard(url)
+                self.log(f"server {url}: warm-up failed: {e}")
+            finally:
+                await client.close()
+
+    async def warm_up(self, client: Client, url: str):
+        """An untimed run that loads the models; another seed, so its results are not cached."""
+        warm = self.jobs[0]
+        self.bar.set_postfix_str(f"warm-up on {url}")
+        await client.run(with_settings(self.graph, warm.prompt, (warm.seed or 0) + 7919, warm.size, warm.edit))
+
+    async def run_job(self, client: Client, url: str, job: Job):
+        """Run one job and record it; a server that goes down gives the job back to the queue."""
+        self.bar.set_postfix_str(f"{job.name} on {url}")
+        try:
+            history = await client.run(with_settings(self.graph, job.prompt, job.seed, job.size, job.edit),
+                                       lambda v, m: self.bar.set_postfix_str(f"{job.name} on {url}: step {v}/{m}"))
+        except WorkflowError as e:
+            self.record(Result(job, failure_status(e), url, message=str(e)))
+            return
+        except ServerDown:
+            self.queue.put_nowait(job)  # another server takes it
+            raise
+        except asyncio.CancelledError:
+            self.record(Result(job, "interrupted", url, message="stopped by Ctrl-C; the server was asked to drop it"))
+            raise
+        files = await self.save_images(client, job, history)
+        self.record(Result(job, "success", url, execution_seconds(history), files=files))
+
+    async def save_images(self, client: Client, job: Job, history: dict) -> List[str]:
+        """The job's output images, downloaded into ``out`` under names that start with the run's id."""
+        files = []
+        for node_out in history.get("outputs", {}).values():
+            for image in node_out.get("images", []):
+                if image.get("type") != "output":
+                    continue
+                name = f"{self.run_id}_{job.name}_{len(files)}{Path(image['filename']).suffix}"
+                files.append(str(write_new_file(self.out, name, await client.download(image))))
+        return files
+
+    def record(self, result: Result):
+        self.results.append(result)
+        with open(self.out / "results.jsonl", "a") as f:
+            f.write(json.dumps({"run": self.run_id, **asdict(result)}) + "\n")
+        self.bar.update(1)
+        if result.status != "success":
+            self.log(f"{result.job.name} on {result.server or '-'}: {result.status}: {result.message}")
+
+
+def failure_status(error: WorkflowError) -> str:
+    """A failed job's status from the client's error: interrupted, rejected or error."""
+    message = str(error)
+    if message == "interrupted":
+        return "interrupted"
+    return "rejected" if message.startswith("rejected") else "error"
 
 
 async def run_batch_until_ctrl_c(*args, **kwargs) -> Tuple[List[Result], bool]:

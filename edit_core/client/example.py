@@ -3,10 +3,10 @@
     bash scripts/run_example.sh                       # built-in tiny models
     EDIT_MODELS_DIR=~/ComfyUI/models bash scripts/run_example.sh   # your SD3.5 Medium + bank
 
-Starts a headless ComfyUI (the host under .host/, or $EDIT_COMFYUI_DIR) with this pack
-installed, then runs the batch CLI's A/B run. With no models folder it writes the tiny
-random models and says so: their images are seeded noise and their timings show that the
-machinery works, not EDiT's speed-up on a real model. A missing workflow or models folder,
+Starts a headless ComfyUI ($EDIT_COMFYUI_DIR, the one this pack sits in, or the host under
+.host/) with this pack installed, then runs the batch CLI's A/B run. With no models folder it
+writes the tiny random models and says so: their images are seeded noise and their timings
+show that the machinery works, not EDiT's speed-up on a real model. A missing workflow or models folder,
 or one lacking the workflow's files, is a one-line error before anything starts.
 """
 import argparse
@@ -17,12 +17,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .batch import make_jobs, parse_size, run_batch, summary
+from ..comfyui.env import PACK
 from ..util.cli import comma_list, flat
-from .server import PACK, ComfyServer
-from .workflow import WorkflowError, graph_family, load_graph, use_tiny_models, with_settings
+from .batch import make_jobs, parse_size, run_batch, summary
+from .server import ComfyServer
+from .tiny_workflow import graph_family, use_tiny_models
+from .workflow import WorkflowError, load_graph, with_settings
 
-WORKFLOWS = {"sd35": PACK / "workflows" / "api" / "sd35_medium_edit.json",
+WORKFLOWS = {"sd3": PACK / "workflows" / "api" / "sd35_medium_edit.json",
              "pixart": PACK / "workflows" / "api" / "pixart_sigma_edit.json"}
 PROMPTS = ["a lighthouse on a rocky coast at sunset", "a red fox in fresh snow, morning light"]
 
@@ -65,7 +67,7 @@ def check_models_folder(models: Path, graph, workflow: Path, family: str):
 
 # How to make the EDiT bank a family's example loads.
 BANK_HINTS = {
-    "sd35": "make the EDiT bank with workflows/sd35_distill_edit.json or "
+    "sd3": "make the EDiT bank with workflows/sd35_distill_edit.json or "
             "`bash scripts/edit.sh distill --model <sd3.5_medium.safetensors> --output <models>/edit/"
             "sd35_medium_edit.safetensors ...`",
     "pixart": "make the PixArt-Sigma EDiT bank with `bash scripts/edit.sh distill --model "
@@ -89,7 +91,7 @@ def build_parser():
                                 allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--models", default=os.environ.get("EDIT_MODELS_DIR"),
                    help="your ComfyUI models folder ($EDIT_MODELS_DIR; unset: the built-in tiny models)")
-    p.add_argument("--family", choices=sorted(WORKFLOWS), default="sd35", help="which example workflow")
+    p.add_argument("--family", choices=sorted(WORKFLOWS), default="sd3", help="which example workflow: SD3.5-Medium (sd3) or PixArt-Sigma")
     p.add_argument("--workflow", help="your own API-format workflow instead of the family's example "
                                       "(with Apply EDiT in it for the on/off comparison)")
     p.add_argument("--sizes", nargs="+", type=comma_list(parse_size), default=None,

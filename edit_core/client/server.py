@@ -16,7 +16,8 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
-PACK = Path(__file__).resolve().parents[2]
+from ..comfyui.env import PACK, find_comfyui
+
 PACK_NAME = "ComfyUI-EDiT"
 
 
@@ -24,15 +25,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def find_comfyui(comfyui_dir=None) -> Path:
-    """ComfyUI's folder: the argument, $EDIT_COMFYUI_DIR, or the host under .host/ComfyUI."""
-    for c in (comfyui_dir, os.environ.get("EDIT_COMFYUI_DIR"), PACK / ".host" / "ComfyUI"):
-        if c and (Path(c) / "main.py").is_file():
-            return Path(c).resolve()
-    raise RuntimeError("ComfyUI not found: set EDIT_COMFYUI_DIR to your ComfyUI folder "
-                       "(or run `bash scripts/host.sh` to install the test host)")
 
 
 class ComfyServer:

@@ -10,8 +10,6 @@ in a fraction of a second), which is how the distillation plan measures memory; 
 ``tiny_models.randomize_`` fills the weights.
 """
 import copy
-import json
-import struct
 from pathlib import Path
 
 import torch
@@ -19,7 +17,8 @@ import torch
 import comfy.model_detection
 import comfy.model_patcher
 
-from ..bank import EDiTError
+from ..errors import EDiTError
+from ..util.safetensors_io import HeaderError, read_header
 from .model import conditioning_dims, model_spec
 
 # SD3.5-Medium (sd3.5_medium.safetensors): 24 joint blocks, hidden 1536 (24 heads x 64), MMDiT-X
@@ -50,15 +49,11 @@ def model_config_from_unet_config(unet_config: dict, source: str):
 
 
 def _header_shapes(path: Path) -> dict:
-    """name -> (shape, dtype name) from a safetensors header: the file's tensors are not read."""
+    """name -> shape from a safetensors header: the file's tensors are not read."""
     try:
-        with open(path, "rb") as f:
-            size = struct.unpack("<Q", f.read(8))[0]
-            if not 0 < size <= min(path.stat().st_size - 8, 100 * 2 ** 20):
-                raise ValueError(f"a header of {size} bytes")
-            header = json.loads(f.read(size))
-    except (OSError, struct.error, ValueError) as e:
-        raise EDiTError(f"cannot read {path} as a safetensors checkpoint ({type(e).__name__}: {e}); "
+        header = read_header(path, max_bytes=100 * 2**20)
+    except HeaderError as e:
+        raise EDiTError(f"cannot read {path} as a safetensors checkpoint ({e}); "
                         "give a .safetensors diffusion model or full checkpoint")
     return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
 

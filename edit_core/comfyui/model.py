@@ -1,41 +1,36 @@
-"""What EDiT can convert in a ComfyUI model (ComfyUI-aware)."""
-from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
-from comfy.ldm.pixart.pixartms import PixArtMS
+"""What EDiT can convert in a ComfyUI model: one adapter per family (sd3.py, pixart.py)."""
+from typing import Optional
 
 from ..bank import EDiTError, ModelSpec
+from . import pixart, sd3
+from .family import FamilyAdapter
+
+FAMILIES = {adapter.name: adapter for adapter in (sd3.ADAPTER, pixart.ADAPTER)}
 
 
 def diffusion_model(patcher):
     return patcher.get_model_object("diffusion_model")
 
 
+def family_of(dm) -> Optional[FamilyAdapter]:
+    """The adapter of the family whose ComfyUI class ``dm`` is, or None."""
+    return next((adapter for adapter in FAMILIES.values() if isinstance(dm, adapter.model_class)), None)
+
+
 def conditioning_dims(patcher):
     """(context width, pooled width or 0) the model expects from its text encoders."""
     dm = diffusion_model(patcher)
-    if isinstance(dm, MMDiT):
-        pooled = dm.y_embedder.mlp[0].in_features if dm.y_embedder is not None else 0
-        return dm.context_embedder.in_features, pooled
-    if isinstance(dm, PixArtMS):
-        return dm.y_embedder.y_proj.fc1.in_features, 0
-    raise EDiTError(f"no conditioning dims for a {type(dm).__name__} model")
+    adapter = family_of(dm)
+    if adapter is None:
+        raise EDiTError(f"no conditioning dims for a {type(dm).__name__} model")
+    return adapter.conditioning_dims(dm)
 
 
 def model_spec(patcher) -> ModelSpec:
     """The ModelSpec of a ComfyUI ModelPatcher, or EDiTError for a model EDiT does not support."""
     dm = diffusion_model(patcher)
-    if isinstance(dm, MMDiT):
-        layers = []
-        for i, block in enumerate(dm.joint_blocks):
-            layers.append(f"joint_blocks.{i}.attn")
-            if block.x_block.x_block_self_attn:
-                layers.append(f"joint_blocks.{i}.attn2")
-        return ModelSpec("sd3", dm.hidden_size, dm.num_heads, len(dm.joint_blocks), tuple(layers))
-    if isinstance(dm, PixArtMS):
-        compressed = [i for i, b in enumerate(dm.blocks) if b.attn.sr_ratio > 1]
-        if compressed:
-            raise EDiTError(f"this PixArt model uses its own KV compression in blocks {compressed}; "
-                            "EDiT supports PixArt models with full self-attention")
-        return ModelSpec("pixart", dm.hidden_size, dm.num_heads, len(dm.blocks),
-                         tuple(f"blocks.{i}.attn" for i in range(len(dm.blocks))))
-    raise EDiTError(f"EDiT supports SD3/SD3.5 (MMDiT) and PixArt-Sigma/Alpha models; this model is "
-                    f"{type(patcher.model).__name__} with a {type(dm).__name__} diffusion model")
+    adapter = family_of(dm)
+    if adapter is None:
+        raise EDiTError(f"EDiT supports SD3/SD3.5 (MMDiT) and PixArt-Sigma/Alpha models; this model is "
+                        f"{type(patcher.model).__name__} with a {type(dm).__name__} diffusion model")
+    return adapter.model_spec(dm)

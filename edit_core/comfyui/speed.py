@@ -8,7 +8,7 @@ import torch
 
 import comfy.model_management
 
-from ..bank import EDiTError
+from ..errors import EDiTError
 from .model import conditioning_dims, diffusion_model
 from ..util.memory import measure_peak
 from .patcher import STUDENT, TEACHER, call_model, edit_bank_of

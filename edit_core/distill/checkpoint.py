@@ -10,16 +10,14 @@ Reading validates everything before anything is loaded into the bank or the opti
 file that is not a valid checkpoint of this run raises EDiTError naming it and what to do.
 """
 import json
-import os
 from pathlib import Path
 from typing import Dict
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from ..bank import EDiTError
-from ..util.safetensors_io import complete
+from ..errors import EDiTError
+from ..util.safetensors_io import complete, save_safetensors
 
 FORMAT = "comfyui-edit-distill-checkpoint"
 FIELDS = ("step", "history", "run", "param_groups", "layer_errors_before", "seconds_train")
@@ -33,11 +31,7 @@ def save_checkpoint(path: Path, bank: torch.nn.Module, optimizer: torch.optim.Op
             tensors[f"optim.{index}.{field}"] = value if torch.is_tensor(value) else torch.tensor(value)
     meta = {k: json.dumps(info[k]) for k in FIELDS if k != "param_groups"}
     meta.update(format=FORMAT, param_groups=json.dumps(opt["param_groups"]))
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), meta)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    save_safetensors(tensors, path, meta)
 
 
 def _invalid(path: Path, why: str) -> EDiTError:

@@ -5,7 +5,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import List, Tuple
 
-from ..bank import EDiTError
+from ..errors import EDiTError
+from ..util.settings import setting_field, settings_of
 
 MODES = ("layerwise+e2e", "layerwise", "e2e")
 
@@ -18,6 +19,37 @@ class Phase:
     steps: int
 
 
+def _items(text) -> List[str]:
+    """'0,1 2' or ['0', '1,2'] -> ['0', '1', '2']: comma and space separated lists alike."""
+    parts = text if isinstance(text, (list, tuple)) else [text]
+    return [p for part in parts for p in str(part).replace(",", " ").split()]
+
+
+def parse_resolutions(text) -> Tuple[Tuple[int, int], ...]:
+    """'512,1024', '512 1024' or '768x512, 1024' -> ((512, 512), (1024, 1024)) / ((768, 512), (1024, 1024))."""
+    out = []
+    for part in _items(text):
+        w, _, h = part.strip().lower().partition("x")
+        try:
+            out.append((int(w), int(h or w)))
+        except ValueError:
+            raise EDiTError(f"resolutions {text!r}: {part.strip()!r} is not a size like 512 or 768x512")
+    return tuple(out)
+
+
+def parse_ints(text) -> Tuple[int, ...]:
+    """'0,1,2', '0 1 2' -> (0, 1, 2)."""
+    try:
+        return tuple(int(p) for p in _items(text))
+    except ValueError:
+        raise EDiTError(f"{text!r} is not a list of whole numbers (e.g. 0,1,2 or 0 1 2)")
+
+
+
+# The help groups of the command line's flags.
+DATA, TRAINING = "teacher data", "training"
+
+
 @dataclass(frozen=True)
 class DistillConfig:
     """Everything that determines a distillation's result (besides model, bank and prompts).
@@ -28,27 +60,41 @@ class DistillConfig:
     progressive resolution), and within each resolution into layer-wise then end-to-end
     steps by ``layerwise_fraction`` when mode is "layerwise+e2e". ``layers_per_step``: train
     a random subset of that many layers per step (0: all).
+
+    Each field declares its command-line flag (``cli``: the help group) and its EDiT Distill
+    widget (``node``) once, here; the field order is the order of the flags and of the
+    training summary stored in a bank.
     """
-    resolutions: Tuple[Tuple[int, int], ...] = ((512, 512),)
-    seeds: Tuple[int, ...] = (0,)
-    sampler: str = "euler"
-    scheduler: str = "simple"
-    sample_steps: int = 20
-    cfg: float = 4.0
-    train_steps: int = 500
-    batch_size: int = 2
-    lr: float = 1e-3
-    warmup_steps: int = 20
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    mode: str = "layerwise+e2e"
-    layerwise_fraction: float = 0.5
-    feature_weight: float = 1.0
-    output_weight: float = 1.0
-    task_weight: float = 0.0
-    seed: int = 0
-    checkpoint_every: int = 50
-    layers_per_step: int = 0
+    resolutions: Tuple[Tuple[int, int], ...] = setting_field(
+        ((512, 512),), "e.g. 512 1024, 512,1024 or 768x512", text="512", parse=parse_resolutions, cli=DATA,
+        node={"tooltip": "Comma-separated, trained in ascending order: '512,1024' or '768x512'."})
+    seeds: Tuple[int, ...] = setting_field(
+        (0,), "noise seeds per prompt, e.g. 0 1 2 or 0,1,2", text="0", parse=parse_ints, cli=DATA,
+        node={"default": "0,1", "tooltip": "Noise seeds per prompt for the teacher data."})
+    sampler: str = setting_field("euler", "ComfyUI sampler name", cli=DATA, node={"name": "sampler_name"})
+    scheduler: str = setting_field("simple", "ComfyUI scheduler name", cli=DATA, node={})
+    sample_steps: int = setting_field(20, "sampling steps of the teacher", cli=DATA, node={"min": 1, "max": 200})
+    cfg: float = setting_field(4.0, "CFG scale of the teacher", cli=DATA, node={"min": 0.0, "max": 30.0, "step": 0.1})
+    train_steps: int = setting_field(500, "optimiser steps", cli=TRAINING, node={"min": 1, "max": 1000000})
+    batch_size: int = setting_field(2, "examples per step (all processes together)", cli=TRAINING,
+                                    node={"min": 1, "max": 256})
+    lr: float = setting_field(1e-3, "peak learning rate", cli=TRAINING,
+                              node={"name": "learning_rate", "min": 1e-6, "max": 1.0, "step": 0.0001})
+    warmup_steps: int = setting_field(20, "linear warm-up steps", cli=TRAINING)
+    weight_decay: float = setting_field(0.0, "AdamW weight decay", cli=TRAINING)
+    grad_clip: float = setting_field(1.0, "gradient norm clip", cli=TRAINING)
+    mode: str = setting_field("layerwise+e2e", "layer-wise, end-to-end, or layer-wise then end-to-end", choices=MODES,
+                              cli=TRAINING,
+                              node={"tooltip": "layer-wise (fast, low memory) then end-to-end, or either alone."})
+    layerwise_fraction: float = setting_field(0.5, "share of layer-wise steps in layerwise+e2e", cli=TRAINING)
+    feature_weight: float = setting_field(1.0, "weight of the per-layer feature losses", cli=TRAINING)
+    output_weight: float = setting_field(1.0, "weight of the end-to-end output loss", cli=TRAINING)
+    task_weight: float = setting_field(0.0, "weight of the task loss on --latents", cli=TRAINING)
+    seed: int = setting_field(0, "seed of the bank's init and of the examples", cli=TRAINING,
+                              node={"min": 0, "max": 0xFFFFFFFF})
+    checkpoint_every: int = setting_field(50, "steps between checkpoints", cli=TRAINING)
+    layers_per_step: int = setting_field(0, "train a random subset of this many layers per step (0: all; less memory "
+                                         "end-to-end, less time layer-wise)", cli=TRAINING)
 
     def __post_init__(self):
         for name in ("cfg", "lr", "weight_decay", "grad_clip", "layerwise_fraction", "feature_weight",
@@ -99,31 +145,9 @@ class DistillConfig:
         return asdict(self)
 
 
-def _items(text) -> List[str]:
-    """'0,1 2' or ['0', '1,2'] -> ['0', '1', '2']: comma and space separated lists alike."""
-    parts = text if isinstance(text, (list, tuple)) else [text]
-    return [p for part in parts for p in str(part).replace(",", " ").split()]
-
-
-def parse_resolutions(text) -> Tuple[Tuple[int, int], ...]:
-    """'512,1024', '512 1024' or '768x512, 1024' -> ((512, 512), (1024, 1024)) / ((768, 512), (1024, 1024))."""
-    out = []
-    for part in _items(text):
-        w, _, h = part.strip().lower().partition("x")
-        try:
-            out.append((int(w), int(h or w)))
-        except ValueError:
-            raise EDiTError(f"resolutions {text!r}: {part.strip()!r} is not a size like 512 or 768x512")
-    return tuple(out)
-
-
-def parse_ints(text) -> Tuple[int, ...]:
-    """'0,1,2', '0 1 2' -> (0, 1, 2)."""
-    try:
-        return tuple(int(p) for p in _items(text))
-    except ValueError:
-        raise EDiTError(f"{text!r} is not a list of whole numbers (e.g. 0,1,2 or 0 1 2)")
-
-
 def fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# The settings as declared by DistillConfig's fields.
+SETTINGS = settings_of(DistillConfig)

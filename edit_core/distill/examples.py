@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .teacher_data import Job, TeacherData
+from .teacher_data import ImageJob, TeacherData
 from .losses import Example
 
 
@@ -48,7 +48,7 @@ def starting_noise(shape, seed: int) -> torch.Tensor:
     return torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
 
 
-def make_example(trainer, data: TeacherData, job: Job, seed: int, step: int, slot: int, device,
+def make_example(trainer, data: TeacherData, job: ImageJob, seed: int, step: int, slot: int, device,
                  dtype: Optional[torch.dtype] = None, use_negative: bool = True) -> Example:
     """Example ``slot`` of optimiser step ``step`` (slot: its index in the global batch)."""
     image = data.image(job)

@@ -28,7 +28,8 @@ import torch.nn as nn
 
 from ..bank import EDiTBank, layer_kind
 from ..comfyui.model import diffusion_model
-from ..comfyui.patcher import STUDENT, TEACHER, call_model, edit_layer_args, layer_inputs
+from ..comfyui.call import edit_layer_args
+from ..comfyui.patcher import STUDENT, TEACHER, call_model, layer_inputs
 
 
 @dataclass
@@ -54,7 +55,7 @@ class StudentLoss(nn.Module):
     def __init__(self, bank: EDiTBank, trainer, feature_weight=1.0, output_weight=1.0, task_weight=0.0):
         super().__init__()
         self.bank = bank
-        self.__dict__["trainer"] = trainer  # a ComfyUI ModelPatcher: not a submodule
+        self.trainer = trainer  # a ComfyUI ModelPatcher (no nn.Module, so not a submodule)
         self.feature_weight, self.output_weight, self.task_weight = feature_weight, output_weight, task_weight
 
     def layer_output(self, name: str, inputs: Dict[str, torch.Tensor], grid) -> torch.Tensor:

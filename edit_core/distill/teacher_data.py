@@ -19,16 +19,14 @@ final name is complete. A file that does not read back (truncated, foreign) is r
 it is derived data, and the teacher reproduces it exactly.
 """
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from ..util.safetensors_io import complete
+from ..util.safetensors_io import complete, save_safetensors
 
 FORMAT = "comfyui-edit-teacher-data"
 SHARD_HEADER_BYTES = 1024  # safetensors header + metadata of one image shard (measured: ~500)
@@ -36,7 +34,7 @@ IMAGE_BUDGET = 2 * 2**20   # bytes on disk per image, header included
 
 
 @dataclass(frozen=True)
-class Job:
+class ImageJob:
     resolution: Tuple[int, int]
     prompt: int
     seed: int
@@ -86,11 +84,7 @@ def cond_bytes(conds: Dict[str, torch.Tensor]) -> int:
 
 
 def _write(path: Path, tensors: Dict[str, torch.Tensor], meta: Dict[str, str]):
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # ranks may write the same prompt's file
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), dict(meta, format=FORMAT))
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    save_safetensors(tensors, path, dict(meta, format=FORMAT))  # unique temporary names: ranks may write one file
 
 
 def _read(path: Path, load: bool = True) -> Optional[Dict[str, torch.Tensor]]:
@@ -110,7 +104,7 @@ def _read(path: Path, load: bool = True) -> Optional[Dict[str, torch.Tensor]]:
 IMAGE_KEYS = {"latent", "sigmas", "states", "calls"}
 
 
-def _image_fits(job: Job, shapes: Dict[str, Tuple[int, ...]]) -> bool:
+def _image_fits(job: ImageJob, shapes: Dict[str, Tuple[int, ...]]) -> bool:
     """An image shard's tensors have the shapes its job implies (a planted or foreign file
     with the right keys does not pass)."""
     if set(shapes) != IMAGE_KEYS:
@@ -128,13 +122,13 @@ class TeacherData:
     def __init__(self, directory):
         self.dir = Path(directory)
 
-    def image_path(self, job: Job) -> Path:
+    def image_path(self, job: ImageJob) -> Path:
         return self.dir / f"{job.name}.safetensors"
 
     def cond_path(self, prompt: Optional[int]) -> Path:
         return self.dir / ("cond_negative.safetensors" if prompt is None else f"cond_p{prompt:04d}.safetensors")
 
-    def image(self, job: Job) -> Optional[Dict[str, torch.Tensor]]:
+    def image(self, job: ImageJob) -> Optional[Dict[str, torch.Tensor]]:
         """{latent (C, h, w), sigmas (n,), states (K, C, h, w), calls (K,)} or None when
         missing or unreadable."""
         read = _read(self.image_path(job))
@@ -148,7 +142,7 @@ class TeacherData:
         """A prompt's (None: the negative prompt's) conditioning rows, or None."""
         return _read(self.cond_path(prompt))
 
-    def has(self, job: Job, needs_negative: bool) -> bool:
+    def has(self, job: ImageJob, needs_negative: bool) -> bool:
         """Whether the job's image and its prompt's conditioning are on disk and read back
         (headers only); anything else is (re)generated."""
         image = _read(self.image_path(job), load=False)
@@ -156,10 +150,10 @@ class TeacherData:
                 and _read(self.cond_path(job.prompt), load=False) is not None
                 and (not needs_negative or _read(self.cond_path(None), load=False) is not None))
 
-    def write(self, job: Job, latent: torch.Tensor, sigmas: torch.Tensor, states: torch.Tensor,
+    def write(self, job: ImageJob, latent: torch.Tensor, sigmas: torch.Tensor, states: torch.Tensor,
               cond: Dict[str, torch.Tensor], uncond: Optional[Dict[str, torch.Tensor]]):
-        """``states``: the model input of every call (n, C, h, w); those that fit are kept."""
-        """Conditioning first, image last: the image's presence means the job is complete."""
+        """``states``: the model input of every call (n, C, h, w); those that fit are kept.
+        Conditioning first, image last: the image's presence means the job is complete."""
         self.dir.mkdir(parents=True, exist_ok=True)
         if _read(self.cond_path(job.prompt), load=False) is None:
             _write(self.cond_path(job.prompt), cond, {"prompt": str(job.prompt)})
@@ -175,5 +169,5 @@ class TeacherData:
         return sum(p.stat().st_size for p in self.dir.glob("*.safetensors")) if self.dir.is_dir() else 0
 
 
-def image_jobs(resolutions, n_prompts: int, seeds) -> List[Job]:
-    return [Job(tuple(res), p, seed) for res in resolutions for p in range(n_prompts) for seed in seeds]
+def image_jobs(resolutions, n_prompts: int, seeds) -> List[ImageJob]:
+    return [ImageJob(tuple(res), p, seed) for res in resolutions for p in range(n_prompts) for seed in seeds]

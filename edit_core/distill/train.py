@@ -185,7 +185,63 @@ def distill(model, positive: List, negative, config: DistillConfig, work_dir, ba
                         device_memory)
 
 
+@dataclass
+class Run:
+    """What a run is, settled before any work: its place on disk and the teacher data it uses."""
+    rank: int
+    world: int
+    device: torch.device
+    train_dtype: torch.dtype
+    start_bank: EDiTBank
+    run_fp: str
+    run_dir: Path
+    data: TeacherData
+    jobs: List
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.run_dir / CHECKPOINT
+
+
+@dataclass
+class Student:
+    """The training objects of a run: only the bank trains; the model is teacher and student."""
+    bank: EDiTBank
+    trainer: object
+    loss_fn: StudentLoss
+    params: List[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    phases: List[Phase]
+    pools: Dict
+    autocast: object
+    example: Callable
+
+
 def _distill(model, positive, negative, config, work_dir, bank, latents, progress, device_memory) -> DistillResult:
+    """plan (and refusals) -> teacher data -> the student -> resume or start -> the step loop -> finish."""
+    run = prepare_run(model, positive, negative, config, work_dir, bank, latents, device_memory)
+    train_bank = trainable_copy(run.start_bank, run.device)
+    trainer = trainer_model(model, train_bank)
+    seconds_teacher = teacher_data(run, trainer, positive, negative, config, progress)
+    frozen = [(p, p.requires_grad) for p in model.model.parameters()]
+    student = make_student(run, model, trainer, train_bank, config, frozen)
+    top = student.pools[student.phases[-1].resolution]
+    eval_examples = [student.example(top[i % len(top)], config.train_steps, i) for i in range(EVAL_EXAMPLES)]
+    result = DistillResult(train_bank, config, work_dir=run.run_dir, seconds_teacher=seconds_teacher,
+                           teacher_bytes=run.data.bytes_on_disk())
+    step = resume_or_start(run, student, result, eval_examples)
+    train_loop(run, student, result, config, step, latents, progress, frozen)
+    with student.autocast:
+        result.layer_errors_after = layer_errors(student.loss_fn, eval_examples)
+    train_bank.requires_grad_(False)
+    train_bank.config = replace(train_bank.config, training=result.summary())
+    return result
+
+
+def prepare_run(model, positive, negative, config, work_dir, bank, latents, device_memory) -> Run:
+    """The run's identity and folders; refuses, before any work, a batch the processes cannot
+    split, a run that will not fit the device (the plan's table and the settings that would
+    fit, measured on the model's architecture, fake) and a work folder without room."""
     rank, world = _rank_world()
     if config.batch_size % world:
         raise EDiTError(f"batch_size {config.batch_size} must be a multiple of the number of processes ({world})")
@@ -198,142 +254,155 @@ def _distill(model, positive, negative, config, work_dir, bank, latents, progres
     run_fp = fingerprint([data_fp, config.to_dict(), describe(start_bank.tensors()), list(start_bank.config.layers),
                           describe(latents) if latents is not None else None, start_bank.config.hparams()])
     run_dir = work_dir / f"run-{run_fp}"
-    checkpoint = run_dir / CHECKPOINT
-
-    # 0. Memory, before any work: a run that will not fit the device is refused with the plan's
-    # table and the settings that would fit (measured on the model's architecture, fake).
     if torch.device(device).type == "cuda" or device_memory is not None:
         check_fits(model, config, start_bank.config, device, n_prompts=len(positive), device_memory=device_memory)
-
-    # Room on disk, before any work: the teacher images not on disk yet + checkpoints.
     data = TeacherData(work_dir / f"teacher-{data_fp}")
     jobs = image_jobs(config.resolutions, len(positive), config.seeds)
+    run = Run(rank, world, device, train_dtype, start_bank, run_fp, run_dir, data, jobs)
+    check_work_dir(run_dir, disk_needed(run, model, positive, negative, config))
+    return run
+
+
+def disk_needed(run: Run, model, positive, negative, config) -> int:
+    """Bytes of the teacher images not on disk yet, the conditioning and the checkpoints."""
     channels = model.get_model_object("latent_format").latent_channels
-    missing = [j for j in jobs if not data.has(j, needs_negative(config))]
+    missing = [j for j in run.jobs if not run.data.has(j, needs_negative(config))]
     cond_size = max((cond_bytes({k: v for k, v in c[0][1].items() if torch.is_tensor(v)}) + c[0][0].numel() * 4
                      for c in list(positive) + [negative]), default=0)
-    bank_bytes = sum(v.numel() * 4 for v in start_bank.tensors().values())
-    need = (sum(image_bytes(channels, j.resolution, config.sample_steps) for j in missing)
+    bank_bytes = sum(v.numel() * 4 for v in run.start_bank.tensors().values())
+    return (sum(image_bytes(channels, j.resolution, config.sample_steps) for j in missing)
             + (len(positive) + 1) * cond_size + 8 * bank_bytes)
-    check_work_dir(run_dir, need)
 
-    # 1. Teacher data: one image per shard, split over ranks, reused across runs.
-    train_bank = trainable_copy(start_bank, device)
-    trainer = trainer_model(model, train_bank)
+
+def teacher_data(run: Run, trainer, positive, negative, config, progress) -> float:
+    """The teacher images not on disk yet, one per shard, split over ranks (reused across
+    runs); returns the seconds it took."""
     t0 = time.perf_counter()
     calls = [0]
-    mine = [j for i, j in enumerate(jobs) if i % world == rank and not data.has(j, needs_negative(config))]
+    mine = [j for i, j in enumerate(run.jobs)
+            if i % run.world == run.rank and not run.data.has(j, needs_negative(config))]
     total_calls = len(mine) * config.sample_steps * (2 if needs_negative(config) else 1)
 
     def teacher_progress():
         calls[0] += 1
         progress({"stage": "teacher", "step": min(calls[0], total_calls), "total": total_calls})
 
-    generate(trainer, positive, negative, jobs, data, config, rank, world, teacher_progress)
-    _barrier(world)
-    seconds_teacher = time.perf_counter() - t0
+    generate(trainer, positive, negative, run.jobs, run.data, config, run.rank, run.world, teacher_progress)
+    _barrier(run.world)
+    return time.perf_counter() - t0
 
-    # 2. The student: only the bank trains; the frozen weights become normal tensors once.
-    frozen = [(p, p.requires_grad) for p in model.model.parameters()]
+
+def make_student(run: Run, model, trainer, train_bank, config, frozen) -> Student:
+    """Freezes the model (``frozen``: its parameters and their requires_grad flags, restored when
+    training ends), loads it with its weights as normal tensors, and builds the optimiser, the
+    phases' example pools and the example maker."""
     for p, _ in frozen:
         p.requires_grad_(False)
     comfy.model_management.load_models_gpu([trainer], force_full_load=True)
     trainable_weights(model.model)
     loss_fn = StudentLoss(train_bank, trainer, config.feature_weight, config.output_weight, config.task_weight)
     params = list(train_bank.parameters())
-    if world > 1:
+    if run.world > 1:
         for p in params:
             dist.broadcast(p.data, 0)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     phases: List[Phase] = config.phases()
-    pools = {res: [j for j in jobs if j.resolution == tuple(res)] for res in {p.resolution for p in phases}}
+    pools = {res: [j for j in run.jobs if j.resolution == tuple(res)] for res in {p.resolution for p in phases}}
     use_negative = needs_negative(config)
 
     def example(job, step, slot):
-        return make_example(trainer, data, job, config.seed, step, slot, device, train_dtype, use_negative)
+        return make_example(trainer, run.data, job, config.seed, step, slot, run.device, run.train_dtype,
+                            use_negative)
 
-    top = pools[phases[-1].resolution]
-    eval_examples = [example(top[i % len(top)], config.train_steps, i) for i in range(EVAL_EXAMPLES)]
-    autocast = torch.autocast("cuda", dtype=train_dtype) if train_dtype != torch.float32 else nullcontext()
+    autocast = torch.autocast("cuda", dtype=run.train_dtype) if run.train_dtype != torch.float32 else nullcontext()
+    return Student(train_bank, trainer, loss_fn, params, optimizer, phases, pools, autocast, example)
 
-    result = DistillResult(train_bank, config, work_dir=run_dir, seconds_teacher=seconds_teacher,
-                           teacher_bytes=data.bytes_on_disk())
-    step = 0
-    if checkpoint.is_file():
-        info = load_checkpoint(checkpoint, train_bank, optimizer, run_fp)
-        step, result.history = info["step"], info["history"]
-        result.resumed_from = step
-        result.layer_errors_before, result.seconds_train = info["layer_errors_before"], info["seconds_train"]
-    else:
-        with autocast:
-            result.layer_errors_before = layer_errors(loss_fn, eval_examples)
 
-    def save():
-        save_checkpoint(checkpoint, train_bank, optimizer, {
-            "step": step, "history": result.history, "run": run_fp, "layer_errors_before": result.layer_errors_before,
-            "seconds_train": result.seconds_train})
+def resume_or_start(run: Run, student: Student, result: DistillResult, eval_examples) -> int:
+    """The step to start at: the checkpoint's (bank, optimiser and history restored), or 0
+    after measuring the untrained bank's layer errors."""
+    if not run.checkpoint.is_file():
+        with student.autocast:
+            result.layer_errors_before = layer_errors(student.loss_fn, eval_examples)
+        return 0
+    info = load_checkpoint(run.checkpoint, student.bank, student.optimizer, run.run_fp)
+    result.history, result.resumed_from = info["history"], info["step"]
+    result.layer_errors_before, result.seconds_train = info["layer_errors_before"], info["seconds_train"]
+    return info["step"]
 
-    # 3. The loop.
+
+def write_checkpoint(run: Run, student: Student, result: DistillResult, step: int):
+    save_checkpoint(run.checkpoint, student.bank, student.optimizer, {
+        "step": step, "history": result.history, "run": run.run_fp, "layer_errors_before": result.layer_errors_before,
+        "seconds_train": result.seconds_train})
+
+
+def train_loop(run: Run, student: Student, result: DistillResult, config, step: int, latents, progress, frozen):
+    """The step loop, from ``step`` to the end. Rank 0 checkpoints every ``checkpoint_every``
+    steps, on any interruption (an exception, e.g. from ``progress``) and at the end; a
+    non-finite step writes nothing, so the last checkpoint is the last finite one. The model's
+    requires_grad flags come back however the loop ends."""
     t_start = time.perf_counter() - result.seconds_train
     try:
         while step < config.train_steps:
-            phase_index, phase = next((i, p) for i, p in enumerate(phases) if p.start <= step < p.start + p.steps)
-            lr = learning_rate(config, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            picked = batch(pools[phase.resolution], phase_index, step - phase.start, config.batch_size, config.seed)
-            layers = layer_subset(train_bank.config.layers, config.layers_per_step, config.seed, step)
-            optimizer.zero_grad(set_to_none=True)
-            step_parts: Dict[str, float] = {}
-            slots = list(range(rank, len(picked), world))
-            for slot in slots:
-                with autocast:
-                    parts = train_example(loss_fn, example(picked[slot], step, slot), phase.mode, 1.0 / len(picked),
-                                          layers)
-                for k, v in parts.items():
-                    step_parts[k] = step_parts.get(k, 0.0) + v / len(slots)
-            if latents is not None and phase.mode == "e2e" and config.task_weight > 0:
-                # Every rank computes the same task example: each takes 1 / world of it.
-                task = task_inputs(trainer, latents, step, example(picked[0], step, 0).conds, config.seed, device)
-                with autocast:
-                    step_parts["task"] = float(loss_fn.task(*task, weight=1.0 / world))
-                step_parts["loss"] += config.task_weight * step_parts["task"]
-            if world > 1:
-                _sum_grads_over_ranks(params)
-            norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            loss_value = step_parts["loss"]
-            if not math.isfinite(loss_value) or not torch.isfinite(norm):
-                what = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {float(norm)}"
-                raise NonFiniteError(
-                    f"distillation stopped at step {step + 1}: the {what} is not finite. Likely cause: the learning "
-                    f"rate ({config.lr}) is too high, or the teacher's CFG ({config.cfg}) or the model gives "
-                    f"non-finite outputs. No bank was written; the last finite checkpoint is kept in {run_dir}")
-            optimizer.step()
+            entry = train_step(run, student, config, step, latents)
             step += 1
-            result.history.append({"step": step, "mode": phase.mode, "resolution": list(phase.resolution),
-                                   "lr": lr, **{("loss" if k == "loss" else f"loss.{k}"): v
-                                                for k, v in step_parts.items()}})
+            result.history.append(entry)
             result.seconds_train = time.perf_counter() - t_start
-            if rank == 0 and step % config.checkpoint_every == 0:
-                save()
-            progress({"stage": "train", "step": step, "total": config.train_steps, "loss": loss_value,
-                      "mode": phase.mode})
+            if run.rank == 0 and step % config.checkpoint_every == 0:
+                write_checkpoint(run, student, result, step)
+            progress({"stage": "train", "step": step, "total": config.train_steps, "loss": entry["loss"],
+                      "mode": entry["mode"]})
     except NonFiniteError:
         raise
     except BaseException:
-        if rank == 0:
-            save()
+        if run.rank == 0:
+            write_checkpoint(run, student, result, step)
         raise
     finally:
         for p, flag in frozen:
             with torch.inference_mode(p.is_inference()):  # inference tensors may only get it back there
                 p.requires_grad_(flag)
-    if rank == 0:
-        save()
-    _barrier(world)
+    if run.rank == 0:
+        write_checkpoint(run, student, result, step)
+    _barrier(run.world)
 
-    with autocast:
-        result.layer_errors_after = layer_errors(loss_fn, eval_examples)
-    train_bank.requires_grad_(False)
-    train_bank.config = replace(train_bank.config, training=result.summary())
-    return result
+
+def train_step(run: Run, student: Student, config, step: int, latents) -> Dict:
+    """One optimiser step (this rank's share of the batch, gradients summed over ranks); its
+    history entry. NonFiniteError, before the update, when the loss or gradient norm is not finite."""
+    phase_index, phase = next((i, p) for i, p in enumerate(student.phases) if p.start <= step < p.start + p.steps)
+    lr = learning_rate(config, step)
+    for group in student.optimizer.param_groups:
+        group["lr"] = lr
+    picked = batch(student.pools[phase.resolution], phase_index, step - phase.start, config.batch_size, config.seed)
+    layers = layer_subset(student.bank.config.layers, config.layers_per_step, config.seed, step)
+    student.optimizer.zero_grad(set_to_none=True)
+    step_parts: Dict[str, float] = {}
+    slots = list(range(run.rank, len(picked), run.world))
+    for slot in slots:
+        with student.autocast:
+            parts = train_example(student.loss_fn, student.example(picked[slot], step, slot), phase.mode,
+                                  1.0 / len(picked), layers)
+        for k, v in parts.items():
+            step_parts[k] = step_parts.get(k, 0.0) + v / len(slots)
+    if latents is not None and phase.mode == "e2e" and config.task_weight > 0:
+        # Every rank computes the same task example: each takes 1 / world of it.
+        task = task_inputs(student.trainer, latents, step, student.example(picked[0], step, 0).conds, config.seed,
+                           run.device)
+        with student.autocast:
+            step_parts["task"] = float(student.loss_fn.task(*task, weight=1.0 / run.world))
+        step_parts["loss"] += config.task_weight * step_parts["task"]
+    if run.world > 1:
+        _sum_grads_over_ranks(student.params)
+    norm = torch.nn.utils.clip_grad_norm_(student.params, config.grad_clip)
+    loss_value = step_parts["loss"]
+    if not math.isfinite(loss_value) or not torch.isfinite(norm):
+        what = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {float(norm)}"
+        raise NonFiniteError(
+            f"distillation stopped at step {step + 1}: the {what} is not finite. Likely cause: the learning "
+            f"rate ({config.lr}) is too high, or the teacher's CFG ({config.cfg}) or the model gives "
+            f"non-finite outputs. No bank was written; the last finite checkpoint is kept in {run.run_dir}")
+    student.optimizer.step()
+    return {"step": step + 1, "mode": phase.mode, "resolution": list(phase.resolution), "lr": lr,
+            **{("loss" if k == "loss" else f"loss.{k}"): v for k, v in step_parts.items()}}

@@ -15,7 +15,7 @@ import comfy.model_management
 import comfy.sample
 
 from ..comfyui.patcher import TEACHER, add_wrapper_outside_edit
-from .teacher_data import Job, TeacherData
+from .teacher_data import ImageJob, TeacherData
 
 WRAPPER_KEY = "comfyui_edit_distill"
 
@@ -39,7 +39,7 @@ def _row(conds: Dict, i: int, n: int) -> Dict[str, torch.Tensor]:
             if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == n}
 
 
-def teacher_sample(trainer, positive, negative, job: Job, sampler: str, scheduler: str, steps: int, cfg: float,
+def teacher_sample(trainer, positive, negative, job: ImageJob, sampler: str, scheduler: str, steps: int, cfg: float,
                    on_call: Optional[Callable[[], None]] = None, capture=None):
     """Sample one image with the teacher. Returns (final latent (C, h, w), call sigmas (n,),
     call inputs (n, C, h, w), cond rows, uncond rows or None). ``capture``: an optional
@@ -71,7 +71,7 @@ def teacher_sample(trainer, positive, negative, job: Job, sampler: str, schedule
 
 
 @torch.no_grad()
-def generate(trainer, conds, negative, jobs: List[Job], data: TeacherData, config, rank: int = 0, world: int = 1,
+def generate(trainer, conds, negative, jobs: List[ImageJob], data: TeacherData, config, rank: int = 0, world: int = 1,
              on_call: Optional[Callable[[], None]] = None):
     """Write the images of ``jobs`` this rank owns (round-robin) that are not on disk yet, one
     shard at a time (nothing accumulates in memory)."""

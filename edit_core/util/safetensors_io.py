@@ -7,8 +7,8 @@ checks the header against the file's size first, without reading any tensor.
 """
 import json
 import os
+import secrets
 import struct
-import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
@@ -26,11 +26,9 @@ def atomic_write(path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a fresh temporary name beside ``path``, flush it to disk, then
     rename it over ``path``: readers see the old file or the new one, never a part. The
     temporary name is unique, so two writers of one path cannot collide; it is removed when
-    ``write`` fails."""
+    ``write`` fails. ``write`` creates the file, so it gets the usual permissions (umask)."""
     path = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
         write(tmp)
         with open(tmp, "rb+") as f:

@@ -5,10 +5,9 @@ import time
 
 import torch
 
-from . import BATCHES, FAMILIES, LEVELS, PROMPTS, RESOLUTIONS, default_device, run_benchmark, table, target_checks
-from .backends import SDPA_NAME
+from edit_core.comfyui.env import add_comfyui_flag, setup_comfy
+from .grid import BATCHES, FAMILIES, LEVELS, PROMPTS, RESOLUTIONS, SDPA_NAME, default_device
 from .options import list_option
-from .report import merge
 
 QUICK = dict(levels=["block"], resolutions=[512, 1024], batches=[1], prompts=[154], repeats=3, budget=20.0)
 # The smoke test: every level and family, two small images (PixArt needs >= 384 px: its position
@@ -42,6 +41,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true",
                    help="smoke test of the machinery, not a benchmark: tiny widths and " + _preset(TINY))
     p.add_argument("--quick", action="store_true", help=_preset(QUICK))
+    add_comfyui_flag(p)
     p.add_argument("--out", default="results", help="folder for results.md, results.json and the PNG plots")
     p.add_argument("--merge", nargs="+", metavar="FOLDER", default=None,
                    help="measure nothing: merge the results of earlier runs into one report in --out")
@@ -68,6 +68,9 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None):
     args = parse(argv)
+    setup_comfy(args.comfyui)
+    from .report import merge, table, target_checks
+    from .run import run_benchmark
     if args.merge:
         paths = merge(args.merge, args.out, args.device or str(default_device()))
         print(paths["table"].read_text())

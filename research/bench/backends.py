@@ -16,7 +16,6 @@ SDPA = comfy_attention.attention_pytorch
 # ComfyUI's decorator that lets transformer_options["optimized_attention_override"] take a call
 # over (absent in older ComfyUI: then there is nothing to honour).
 WRAP_ATTN = getattr(comfy_attention, "wrap_attn", lambda fn: fn)
-SDPA_NAME = "comfy.ldm.modules.attention.attention_pytorch (torch.nn.functional.scaled_dot_product_attention)"
 
 
 @contextmanager

@@ -1,5 +1,5 @@
 """What the benchmark runs: ComfyUI's own SD3.5-Medium and PixArt-Sigma classes at their real
-widths with random weights, and for each point three variants of the same computation:
+widths with random weights (``models``), and for each point three variants of the same computation:
 
 - ``baseline``: the model with EDiT off (teacher: exactly ComfyUI's code) and SDPA attention;
 - ``edit``: the same model with EDiT on (student), patched by ``apply_edit`` with a random bank;
@@ -7,8 +7,8 @@ widths with random weights, and for each point three variants of the same comput
   (the Amdahl bound: everything but attention).
 
 Levels:
-- ``attention``: the attention call(s) alone, on q/k/v a block computed (bank layers called
-  directly; no bound: it is zero there);
+- ``attention``: the attention call(s) alone, on q/k/v computed by block 0 of a 2-block model
+  (bank layers called directly; no bound: it is zero there);
 - ``block``: block 0 of a patched 2-block model at full width (SD3.5: an MMDiT-X joint block,
   not the last one), timed from its entry to its exit inside a real model call, which is then
   stopped there. Everything goes through ``apply_edit`` and ``call_model``, whatever the
@@ -17,7 +17,6 @@ Levels:
   ``compile_backend`` the model is wrapped by ComfyUI's own ``set_torch_compile_wrapper``,
   the code path of its TorchCompileModel node.
 """
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
@@ -26,38 +25,21 @@ import torch
 
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.model_management
-import comfy.model_patcher
-import comfy.ops
-import comfy.supported_models
-from comfy.ldm.modules.diffusionmodules.mmdit import JointBlock
-from comfy.ldm.pixart.pixartms import PixArtMSBlock
 
-from edit_core.bank import ModelSpec, init_bank
-from edit_core.comfyui.model import model_spec
 from edit_core.attention.layers import split_heads
-from edit_core.comfyui.patcher import STUDENT, TEACHER, apply_edit, call_model, pixart_qkv, sd3_pre_attention
+from edit_core.bank import init_bank
+from edit_core.comfyui.model import FAMILIES as ADAPTERS, model_spec
+from edit_core.comfyui.patcher import STUDENT, TEACHER, apply_edit, call_model
+from edit_core.comfyui.pixart import pixart_qkv
+from edit_core.comfyui.sd3 import comfy_softmax, sd3_pre_attention
 from edit_core.comfyui.speed import model_inputs, sync
-from edit_core.fixtures.tiny_models import SD3_CONTEXT_DIM, SD3_POOLED_DIM, pixart_unet_config, randomize_
+from edit_core.fixtures.tiny_models import randomize_
 from .backends import SDPA, ZeroCostAttention, use_attention
+from .grid import FAMILIES, FAMILY_TITLES, LEVELS
+from .models import random_patcher
 
-FAMILIES = ("sd35", "pixart")
-LEVELS = ("attention", "block", "model")
-# SD3.5-Medium: 24 blocks of width 1536 (24 heads x 64), RMS q/k norm, MMDiT-X attn2 in blocks 0-12.
-SD35 = dict(hidden=1536, heads=24, depth=24, mmditx_layers=tuple(range(13)), pos_embed_max_size=384)
-# PixArt-Sigma: 28 blocks of width 1152 (16 heads x 72), cross-attention to T5 tokens.
-PIXART = dict(hidden=1152, heads=16, depth=28)
-REAL = {"sd35": SD35, "pixart": PIXART}
-# Smoke-test widths (tests, --tiny): the same classes and code paths, nothing worth timing.
-TINY = {"sd35": dict(SD35, hidden=128, heads=2, depth=2, pos_embed_max_size=64),
-        "pixart": dict(PIXART, hidden=64, heads=4, depth=2)}
-FAMILY_TITLES = {"sd35": "SD3.5-Medium MMDiT-X joint block", "pixart": "PixArt-Sigma block"}
 BLOCK_LEVEL_DEPTH = 2  # block 0 must not be SD3's last (pre-only) block
-
-
-def token_grid(px: int) -> Tuple[int, int]:
-    """Square image of ``px`` pixels: latent px/8, patch 2 -> (px/16, px/16) tokens (both families)."""
-    side = max(1, px // 16)
-    return side, side
+SPEC_FAMILY = {"sd35": "sd3", "pixart": "pixart"}
 
 
 @dataclass
@@ -69,8 +51,9 @@ class Point:
     prompt: int
 
     @property
-    def grid(self):
-        return token_grid(self.px)
+    def grid(self) -> Tuple[int, int]:
+        """The token grid of a square image of ``px`` pixels (latent px/8), as the patcher finds it."""
+        return ADAPTERS[SPEC_FAMILY[self.family]].token_grid((self.px // 8, self.px // 8))
 
     @property
     def tokens(self) -> int:
@@ -79,59 +62,6 @@ class Point:
 
 
 Variants = Dict[str, Callable[[], object]]
-
-
-@torch.no_grad()
-def random_weights_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """``randomize_``'s distribution (matrices ~ N(0, 1/fan_in), norm scales ~ 1, other vectors
-    ~ N(0, 0.02)), drawn where the weights are: seconds, not minutes, for a 2.5B model on a GPU."""
-    for i, (name, p) in enumerate(list(module.named_parameters()) + list(module.named_buffers())):
-        if not p.is_floating_point():
-            continue
-        g = torch.Generator(device=p.device).manual_seed(seed * 100003 + i)
-        v = torch.empty(p.shape, device=p.device, dtype=torch.float32)
-        if p.ndim >= 2:
-            v.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=g)
-        elif any(s in name for s in ("ln_q", "ln_k", "norm")):
-            v.normal_(1.0, 0.1, generator=g)
-        else:
-            v.normal_(0.0, 0.02, generator=g)
-        p.copy_(v)
-    return module
-
-
-def _patcher(model):
-    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
-                                            offload_device=comfy.model_management.unet_offload_device())
-
-
-def sd35_patcher(cfg: dict, depth: int, dtype, seed: int = 0):
-    """SD3.5-Medium at its width with the first ``depth`` of its blocks (the last one
-    ``pre_only`` as in the real model), through ComfyUI's SD3 model class, random weights
-    drawn on the load device. ComfyUI's MMDiT has width 64 * its configured depth, so depth
-    is configured from the width and the blocks are cut with ``num_blocks``."""
-    unet_config = {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": cfg["hidden"] // 64,
-                   "num_blocks": depth,
-                   "adm_in_channels": SD3_POOLED_DIM, "pos_embed_scaling_factor": None,
-                   "context_embedder_config": {"target": "torch.nn.Linear",
-                                               "params": {"in_features": SD3_CONTEXT_DIM, "out_features": cfg["hidden"]}},
-                   "num_patches": cfg["pos_embed_max_size"] ** 2, "pos_embed_max_size": cfg["pos_embed_max_size"],
-                   "qk_norm": "rms", "x_block_self_attn_layers": [i for i in cfg["mmditx_layers"] if i < depth]}
-    return _random_model(comfy.supported_models.SD3(unet_config), dtype, seed)
-
-
-def pixart_patcher(cfg: dict, depth: int, dtype, seed: int = 0):
-    """PixArt-Sigma at its width with ``depth`` blocks, ComfyUI's class, random weights."""
-    return _random_model(comfy.supported_models.PixArtSigma(pixart_unet_config(cfg["hidden"], cfg["heads"], depth)),
-                         dtype, seed)
-
-
-def _random_model(model_config, dtype, seed):
-    model_config.set_inference_dtype(dtype, None)
-    model = model_config.get_model({}, "")  # ComfyUI's layers skip initialisation: filled below
-    model.diffusion_model.to(comfy.model_management.get_torch_device())
-    random_weights_(model.diffusion_model, seed)
-    return _patcher(model)
 
 
 class BlockDone(Exception):
@@ -205,38 +135,6 @@ def compiled_clone(patcher, backend: str):
     return m
 
 
-def _bank_layers(family: str, cfg: dict, seed: int, device, hparams: dict):
-    if family == "sd35":
-        spec = ModelSpec("sd3", cfg["hidden"], cfg["heads"], 1, ("joint_blocks.0.attn", "joint_blocks.0.attn2"))
-    else:
-        spec = ModelSpec("pixart", cfg["hidden"], cfg["heads"], 1, ("blocks.0.attn",))
-    # Random, not the zero-initialised untrained state: a trained bank has no zero branches.
-    bank = randomize_(init_bank(spec, **hparams), seed).to(device)
-    return [bank.layer(name) for name in spec.layers]
-
-
-def sd35_block(cfg: dict, dtype, device, seed: int = 0) -> JointBlock:
-    """One SD3.5-Medium MMDiT-X joint block (blocks 0-12 of the real model), ComfyUI's class."""
-    block = JointBlock(cfg["hidden"], cfg["heads"], mlp_ratio=4.0, qkv_bias=True, attn_mode="torch", pre_only=False,
-                       rmsnorm=False, scale_mod_only=False, swiglu=False, qk_norm="rms", x_block_self_attn=True,
-                       dtype=dtype, device=device, operations=comfy.ops.disable_weight_init)
-    return random_weights_(block, seed).eval()
-
-
-def pixart_block(cfg: dict, dtype, device, seed: int = 0) -> PixArtMSBlock:
-    """One PixArt-Sigma block, ComfyUI's class."""
-    block = PixArtMSBlock(cfg["hidden"], cfg["heads"], mlp_ratio=4.0, qk_norm=False,
-                          dtype=dtype, device=device, operations=comfy.ops.disable_weight_init)
-    return random_weights_(block, seed).eval()
-
-
-def comfy_softmax(heads: int):
-    """Softmax attention on (B, H, L, D) through ComfyUI's current attention function."""
-    def softmax_attention(q, k, v):
-        return comfy_attention.optimized_attention(q, k, v, heads, skip_reshape=True, skip_output_reshape=True)
-    return softmax_attention
-
-
 class Case:
     """The modules of one (family, level), built once and reused for every point."""
 
@@ -250,31 +148,32 @@ class Case:
             raise ValueError(f"compiled runs are measured at the model level, not the {level!r} level")
         self.family, self.level, self.dtype, self.device = family, level, dtype, torch.device(device)
         self.compile_backend = compile_backend
-        self.cfg = (TINY if tiny else REAL)[family]
         self.probe = None
         # One stand-in for every point: under torch.compile a new object per point would be a new graph.
         self.zero_cost = ZeroCostAttention(SDPA)
-        if level == "attention":
-            self.block = (sd35_block if family == "sd35" else pixart_block)(self.cfg, dtype, self.device, seed)
-            self.layers = _bank_layers(family, self.cfg, seed + 1, self.device, bank_hparams or {})
+        base = random_patcher(family, depth if level == "model" else BLOCK_LEVEL_DEPTH, dtype, tiny, seed)
+        self.spec = model_spec(base)
+        blocks = _blocks(base.model.diffusion_model)
+        # Random, not the zero-initialised untrained state: a trained bank has no zero branches.
+        if level == "attention":  # block 0 and its bank layers, called directly
+            self.block = blocks[0]
+            names = [n for n in self.spec.layers if n.split(".")[1] == "0"]
+            bank = randomize_(init_bank(self.spec, names, **(bank_hparams or {})), seed + 1).to(self.device)
+            self.layers = [bank.layer(name) for name in names]
             return
-        depth = BLOCK_LEVEL_DEPTH if level == "block" else depth
-        base = (sd35_patcher if family == "sd35" else pixart_patcher)(self.cfg, depth, dtype, seed)
-        self.patcher = apply_edit(base, randomize_(init_bank(model_spec(base), **(bank_hparams or {})), seed + 1))
+        self.patcher = apply_edit(base, randomize_(init_bank(self.spec, **(bank_hparams or {})), seed + 1))
         if compile_backend:
             self.patcher = compiled_clone(self.patcher, compile_backend)
         # As a sampler loads it: with its additional models, the bank among them (else the bank's
         # weights would stay on the CPU and be copied to the GPU in every call).
         comfy.model_management.load_models_gpu([self.patcher] + self.patcher.get_nested_additional_models())
         if level == "block":
-            dm = self.patcher.model.diffusion_model
-            self.probe = FirstBlockProbe(dm.joint_blocks[0] if family == "sd35" else dm.blocks[0], self.device)
+            self.probe = FirstBlockProbe(blocks[0], self.device)
 
     def describe(self) -> str:
-        width = f"width {self.cfg['hidden']}, {self.cfg['heads']} heads"
+        width = f"width {self.spec.hidden_size}, {self.spec.heads} heads"
         if self.level == "model":
-            dm = self.patcher.model.diffusion_model
-            n = len(dm.joint_blocks if self.family == "sd35" else dm.blocks)
+            n = self.spec.depth
             mode = f", compiled ({self.compile_backend})" if self.compile_backend else ""
             return f"{self.family} model, {n} blocks, {width}{mode}"
         return f"{FAMILY_TITLES[self.family]}, {width}"
@@ -306,7 +205,7 @@ class Case:
 
     # -- attention level -----------------------------------------------------------------
     def _attention(self, p: Point, g) -> Variants:
-        c, heads = self.cfg["hidden"], self.cfg["heads"]
+        c, heads = self.spec.hidden_size, self.spec.heads
         if self.family == "sd35":
             context, x, vec = self._randn(g, p.batch, p.prompt, c), self._randn(g, p.batch, p.tokens, c), \
                 self._randn(g, p.batch, c)
@@ -318,7 +217,7 @@ class Case:
                 return comfy_attention.optimized_attention(*x_qkv2, heads=heads)
 
             def edit():
-                attn(x, *ctx_qkv, *x_qkv, p.grid, comfy_softmax(heads))
+                attn(x, *ctx_qkv, *x_qkv, p.grid, comfy_softmax(heads, {}))
                 return attn2(x, *x_qkv2, p.grid)
 
             return {"baseline": baseline, "edit": edit}
@@ -338,8 +237,7 @@ class Case:
 
     # -- block and model levels: one call of the patched model ---------------------------------
     def _model_call(self, p: Point) -> Variants:
-        px = p.grid[0] * 16
-        inputs = model_inputs(self.patcher, p.batch, px, px, p.prompt, seed=p.px + p.batch + p.prompt)
+        inputs = model_inputs(self.patcher, p.batch, p.px, p.px, p.prompt, seed=p.px + p.batch + p.prompt)
         conds = {k: v for k, v in inputs.items() if k not in ("x", "t")}
 
         def run(mode):
@@ -348,6 +246,10 @@ class Case:
             return (lambda: self.probe.run(call)) if self.probe else call
 
         return {"baseline": run(TEACHER), "edit": run(STUDENT), "bound": run(TEACHER)}
+
+
+def _blocks(diffusion_model):
+    return diffusion_model.joint_blocks if hasattr(diffusion_model, "joint_blocks") else diffusion_model.blocks
 
 
 def _under(attention, fn):

@@ -1,4 +1,4 @@
-"""The GPU check (issue 12), one run of at most about 8 minutes on one H100/H200:
+"""The GPU check, one run of at most about 8 minutes on one H100/H200:
 
 1. whole model, eager: SD3.5-Medium (24 blocks) and PixArt-Sigma (28 blocks) at full depth and
    width, built through ComfyUI's classes with random weights, bf16, one diffusion-model call
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from . import FAMILIES, run_benchmark
+from edit_core.comfyui.env import add_comfyui_flag, setup_comfy
+from .grid import FAMILIES
 from .options import list_option
-from .report import machine, merge
 
 # The CPU smoke runs on one torch thread: tiny ops on a busy machine wait on their thread pool.
 # Compiled: one point per model by default. Each new shape compiles baseline, EDiT and bound again
@@ -58,14 +58,18 @@ def main(argv=None):
     p.add_argument("--compile-reserve", type=float, default=150.0,
                    help="seconds before --time-limit after which no compiled point starts (a first compiled call "
                         "can take minutes)")
+    add_comfyui_flag(p)
     args = p.parse_args(argv)
     args.compile_backend = args.compile_backend or ("eager" if args.cpu_smoke else "inductor")
-    start = time.time()
     grid = dict(CPU_SMOKE if args.cpu_smoke else GPU)
     grid.update({k: getattr(args, k) for k in ("resolutions", "batches", "compiled_resolutions", "compiled_batches")
                  if getattr(args, k)})
     if not args.cpu_smoke and not torch.cuda.is_available():
         p.error("no CUDA device: this check is for a GPU machine; --cpu-smoke runs it at tiny size on the CPU")
+    setup_comfy(args.comfyui)
+    from .report import machine, merge
+    from .run import run_benchmark
+    start = time.time()
     out = Path(args.out)
     print("GPU check" + (" (CPU smoke: tiny widths, timings mean nothing)" if args.cpu_smoke else "") + ": "
           + "; ".join(f"{k} {v}" for k, v in machine().items()), flush=True)

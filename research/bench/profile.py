@@ -10,8 +10,8 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from . import default_device
-from .cases import FAMILIES, Case, Point
+from edit_core.comfyui.env import add_comfyui_flag, setup_comfy
+from .grid import FAMILIES, default_device
 
 
 def op_times(fn, device) -> dict:
@@ -36,7 +36,10 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt", type=int, default=154, help="prompt tokens")
     p.add_argument("--top", type=int, default=15, help="operators listed")
+    add_comfyui_flag(p)
     args = p.parse_args(argv)
+    setup_comfy(args.comfyui)
+    from .cases import Case, Point
     device = default_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     case = Case(args.family, "block", dtype, device)

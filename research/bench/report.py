@@ -9,8 +9,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from edit_core.util.plots import line_chart
-from .backends import SDPA_NAME
-from .cases import FAMILY_TITLES
+from .grid import FAMILY_TITLES, SDPA_NAME
 from .timing import Measurement
 
 MIB = 2 ** 20
@@ -151,7 +150,7 @@ def table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-# Issue 5, section 2: (family, px or None for all) -> minimum fraction of the bound / minimum speed-up.
+# Block-level targets: (family, px or None for all) -> minimum fraction of the bound / minimum speed-up.
 FRACTION_TARGETS = {("sd35", 1024): 0.9, ("sd35", 2048): 0.9, ("sd35", 4096): 0.9, ("pixart", None): 0.9}
 SPEEDUP_TARGETS = {("sd35", 2048): 2.4, ("sd35", 4096): 5.0, ("pixart", 2048): 4.0}
 OVERHEAD_TARGET = (1024, 0.10)
@@ -190,7 +189,7 @@ def target_checks(rows: Sequence[Row]) -> List[str]:
     return out
 
 
-# Issue 12 (whole model, full depth, bf16 on one H100/H200 GPU): share of the bound at 2048/4096 px,
+# Whole-model targets (full depth, bf16 on one H100/H200 GPU): share of the bound at 2048/4096 px,
 # no slower than SDPA at 1024 px, the paper's PixArt-Sigma speed-ups, less memory at 4096 px batch 2.
 MODEL_FRACTION_TARGET = ((2048, 4096), 0.9)
 MODEL_SPEEDUP_AT_1024 = 1.0
@@ -199,7 +198,7 @@ MEMORY_POINT = (4096, 2)
 
 
 def model_target_checks(rows: Sequence[Row]) -> List[str]:
-    """One line per issue-12 target the model-level rows can be checked against (eager and
+    """One line per whole-model target the model-level rows can be checked against (eager and
     compiled separately; they mean something only at full depth and width on a GPU)."""
     out = []
     for r in (r for r in rows if r.level == "model"):
@@ -264,14 +263,14 @@ def write(rows: Sequence[Row], folder, settings: Dict, device: str) -> Dict[str,
           "timed without further warm-up. Compiled rows: graph breaks in the first call; recompiles = graphs "
           "compiled again in later calls of the same point (the second call is never timed: it may recompile, as "
           "the bound does once per shape when its zero-tensor cache fills); first call = its time, compilation "
-          "included.", "", "## Targets (issue 5)", ""]
+          "included.", "", "## Targets: block level", ""]
     tiny = any("TINY" in str(v) for v in settings.values())  # merged runs keep settings per folder
     if tiny:  # the targets are about the real widths
         md += ["- not checked: tiny widths (a smoke test of the machinery)"]
     else:
         md += [f"- {line}" for line in target_checks(rows)] or ["- (no block-level rows)"]
     if any(r.level == "model" for r in rows) and not tiny:
-        md += ["", "## Targets (issue 12: whole model; meaningful at full depth and width in bf16 on a GPU)", ""]
+        md += ["", "## Targets: whole model (meaningful at full depth and width in bf16 on a GPU)", ""]
         md += [f"- {line}" for line in model_target_checks(rows)] or ["- (no point at 1024, 2048 or 4096 px)"]
     paths = {"table": folder / "results.md", "json": folder / "results.json"}
     paths["table"].write_text("\n".join(md) + "\n")

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from statistics import mean
 
+from edit_core.comfyui.env import add_comfyui_flag, setup_comfy
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m research.distill_checks.benchmark", description=__doc__,
@@ -26,10 +28,8 @@ def main(argv=None):
     p.add_argument("--train-steps", type=int, default=300)
     p.add_argument("--prompts", type=int, default=8, help="training prompts (held-out: 2 more)")
     p.add_argument("--local-kernel", type=int, default=3, help="local value branch kernel; 0 = plain EDiT (ablation)")
-    p.add_argument("--comfyui", help="ComfyUI folder")
+    add_comfyui_flag(p)
     args = p.parse_args(argv)
-
-    from edit_core.comfyui.env import setup_comfy
     setup_comfy(args.comfyui)
     from edit_core.fixtures import tiny_models
     from edit_core.bank import init_bank

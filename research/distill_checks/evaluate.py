@@ -9,7 +9,7 @@ from edit_core.bank import EDiTBank, init_bank
 from edit_core.comfyui.model import diffusion_model, model_spec
 from edit_core.attention.layers import split_heads
 from edit_core.comfyui.patcher import apply_edit, layer_inputs
-from edit_core.distill.teacher_data import Job
+from edit_core.distill.teacher_data import ImageJob
 from edit_core.distill.trajectories import sample, teacher_sample
 
 
@@ -50,6 +50,6 @@ def attention_entropy(model, positive, negative, resolution, seed=0, steps=4, cf
         entropy = -(p * p.clamp_min(1e-30).log()).sum(-1).mean()
         totals[name].append(float(entropy) / math.log(k.shape[-2]))
 
-    teacher_sample(student, positive, negative, Job(tuple(resolution), 0, seed), "euler", "simple", steps, cfg,
+    teacher_sample(student, positive, negative, ImageJob(tuple(resolution), 0, seed), "euler", "simple", steps, cfg,
                    capture=sink)
     return {name: mean(v) for name, v in totals.items()}

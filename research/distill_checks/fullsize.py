@@ -21,6 +21,7 @@ from typing import Dict, List
 
 import torch
 
+from edit_core.comfyui.env import add_comfyui_flag, setup_comfy
 from edit_core.distill.plan import PlanModel, gib, measure
 
 # ComfyUI's PixArt cannot run below 384 px square: its position embedding divides by
@@ -116,9 +117,8 @@ def main(argv=None):
     p.add_argument("--sample-steps", type=int, default=2, help="teacher sampler steps per image" + h)
     p.add_argument("--out", default="docs/distill-memory", help="folder for fullsize.json / fullsize.md" + h)
     p.add_argument("--work", help="folder for the teacher data and the banks (default: a new temporary folder)")
-    p.add_argument("--comfyui", help="ComfyUI folder (default: $EDIT_COMFYUI_DIR or the one this pack is in)")
+    add_comfyui_flag(p)
     args = p.parse_args(argv)
-    from edit_core.comfyui.env import setup_comfy
     setup_comfy(args.comfyui)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

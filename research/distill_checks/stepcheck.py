@@ -20,6 +20,7 @@ from typing import Dict, List
 
 import torch
 
+from edit_core.comfyui.env import add_comfyui_flag, setup_comfy
 from edit_core.distill.plan import PlanModel, gib, measure
 
 MODES = ("layerwise", "e2e")
@@ -149,9 +150,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help=h.strip())
     p.add_argument("--repeats", type=int, default=2, help="timed steps per mode; the last one is reported" + h)
     p.add_argument("--out", default="stepcheck", help="folder for stepcheck.json and stepcheck.md" + h)
-    p.add_argument("--comfyui", help="ComfyUI folder (default: $EDIT_COMFYUI_DIR or the one this pack is in)")
+    add_comfyui_flag(p)
     args = p.parse_args(argv)
-    from edit_core.comfyui.env import setup_comfy
     setup_comfy(args.comfyui)
     w, _, h = args.resolution.lower().partition("x")
     resolution = (int(w), int(h or w))

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from edit_core.comfyui.env import add_comfyui_flag, setup_comfy
 from edit_core.util.cli import Concatenate, comma_list
 
 
@@ -28,12 +29,10 @@ def main(argv=None):
     p.add_argument("--speed-px", type=int, default=2048, help="also time each design's EDiT block at the family's "
                    "real width at this size (research.bench's block level); 0 = skip (default: 2048)")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default (default: 0)")
-    p.add_argument("--comfyui", help="ComfyUI folder (default: $EDIT_COMFYUI_DIR or the test host)")
+    add_comfyui_flag(p)
     args = p.parse_args(argv)
     families = args.families or ["sd3", "pixart"]
     ablations = args.ablations or ["a", "b", "c", "d", "e", "f", "g"]
-
-    from edit_core.comfyui.env import setup_comfy
     setup_comfy(args.comfyui)
     import torch
     from tqdm import tqdm

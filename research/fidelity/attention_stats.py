@@ -24,6 +24,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from edit_core.bank import EDiTError
+from edit_core.comfyui.env import add_comfyui_flag, setup_comfy
 
 STATS = ("entropy", "local_mass")
 
@@ -77,7 +78,7 @@ def attention_stats(model, positive, negative, resolution: Tuple[int, int], seed
     ``resolution`` (width, height in pixels) image, per EDiT-convertible layer."""
     from edit_core.bank import init_bank
     from edit_core.comfyui.model import diffusion_model, model_spec
-    from edit_core.distill.teacher_data import Job
+    from edit_core.distill.teacher_data import ImageJob
     from edit_core.distill.trajectories import teacher_sample
     from edit_core.attention.layers import split_heads
     from edit_core.comfyui.patcher import apply_edit, layer_inputs
@@ -92,7 +93,7 @@ def attention_stats(model, positive, negative, resolution: Tuple[int, int], seed
         q, k = split_heads(inputs["q"], spec.heads), split_heads(inputs["k"], spec.heads)
         calls[name].append(attention_summary(q, k, grid))
 
-    teacher_sample(student, positive, negative, Job(tuple(resolution), 0, seed), "euler", "simple", steps, cfg,
+    teacher_sample(student, positive, negative, ImageJob(tuple(resolution), 0, seed), "euler", "simple", steps, cfg,
                    capture=sink)
     return {name: {s: sum(c[s] for c in v) / len(v) for s in STATS} for name, v in calls.items()}
 
@@ -140,9 +141,8 @@ def main(argv=None):
                                 description="Attention statistics of the tiny synthetic teachers, per layer.")
     p.add_argument("--resolution", type=int, help="image size in pixels (default: 256 for SD3, 384 for PixArt)")
     p.add_argument("--steps", type=int, default=4, help="sampling steps of the probe run")
-    p.add_argument("--comfyui", help="ComfyUI folder")
+    add_comfyui_flag(p)
     args = p.parse_args(argv)
-    from edit_core.comfyui.env import setup_comfy
     setup_comfy(args.comfyui)
     res = (args.resolution, args.resolution) if args.resolution else None
     print(markdown_table({f"synthetic {k}": v for k, v in synthetic_teachers(res, steps=args.steps).items()}))

@@ -27,11 +27,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from edit_core.bank import EDiTError
+from edit_core.errors import EDiTError
 from edit_core.distill.config import fingerprint
-from edit_core.util.safetensors_io import complete
+from edit_core.util.safetensors_io import atomic_write, complete, save_safetensors
 from . import emoji
 
 FORMAT = "edit-emoji-classifier-1"
@@ -214,13 +213,9 @@ def cache_paths(folder: Path, fingerprint: str) -> Tuple[Path, Path]:
 def save(classifier: Classifier, folder: Path) -> Path:
     weights, meta = cache_paths(folder, classifier.fingerprint)
     weights.parent.mkdir(parents=True, exist_ok=True)
-    tmp = weights.with_name(weights.name + ".tmp")
-    save_file({k: v.detach().contiguous() for k, v in classifier.model.state_dict().items()}, str(tmp),
-              {"format": FORMAT, "fingerprint": classifier.fingerprint})
-    tmp.replace(weights)
-    tmp = meta.with_name(meta.name + ".tmp")
-    tmp.write_text(json.dumps(classifier.metadata(), indent=1) + "\n")
-    tmp.replace(meta)
+    save_safetensors(classifier.model.state_dict(), weights, {"format": FORMAT, "fingerprint": classifier.fingerprint})
+    text = json.dumps(classifier.metadata(), indent=1) + "\n"
+    atomic_write(meta, lambda tmp: tmp.write_text(text))
     return weights
 
 

@@ -72,7 +72,7 @@ def ablation_table(family: str, records: Dict, speed: Optional[Dict[str, float]]
             cells.append(f"{speed[name]:.2f}x" if name in speed else "")
         lines.append("| " + " | ".join(cells) + " |")
     floor = records["teacher"]["fd_teacher_real"]
-    lines.append(f"\nTeacher vs real held-out images (the floor): FD " +
+    lines.append("\nTeacher vs real held-out images (the floor): FD " +
                  ", ".join(f"{floor[px]:.3f} at {px} px" for px in pxs) + ".")
     return lines
 
@@ -80,7 +80,7 @@ def ablation_table(family: str, records: Dict, speed: Optional[Dict[str, float]]
 def layer_table(records: Dict) -> List[str]:
     names = list(records["ablations"])
     layers = list(records["ablations"][names[0]]["layer_errors_after"])
-    lines = [f"| layer | before | " + " | ".join(f"({n})" for n in names) + " |",
+    lines = ["| layer | before | " + " | ".join(f"({n})" for n in names) + " |",
              "|---|---:|" + "---:|" * len(names)]
     for layer in layers:
         before = records["ablations"][names[0]]["layer_errors_before"][layer]

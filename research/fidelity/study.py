@@ -13,27 +13,30 @@ held-out caption is sampled by teacher and student from the same noise. Measured
 """
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean, median
 from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from edit_core.bank import DEFAULT_DESIGN, LEGACY_HPARAMS, init_bank
+from edit_core.bank import DEFAULT_DESIGN, ORIGINAL_HPARAMS, init_bank
 from edit_core.comfyui.model import model_spec
+from edit_core.comfyui.patcher import apply_edit
 from edit_core.distill.config import DistillConfig
-from ..distill_checks.evaluate import relative_l2
 from edit_core.distill.train import distill
 from edit_core.distill.trajectories import sample
-from edit_core.comfyui.patcher import apply_edit
+from ..bench.cases import Case, Point
+from ..bench.grid import default_device
+from ..bench.timing import measure
+from ..distill_checks.evaluate import relative_l2
 from .emoji import EmojiSet, to_unit
 from .teacher import Teacher
 
 # The design every ablation changes one thing of: the shipped default before this study
-# (k/v compressed by a 3 x 3 stride-2 window), i.e. today's default with the legacy values
-# of what the study changed (DEFAULT_DESIGN).
-BASE = {key: LEGACY_HPARAMS[key] for key in DEFAULT_DESIGN}
+# (k/v compressed by a 3 x 3 stride-2 window): today's default with BankConfig's own values
+# for what the study changed (DEFAULT_DESIGN).
+BASE = {key: ORIGINAL_HPARAMS[key] for key in DEFAULT_DESIGN}
 # name: (what it changes, bank hyper-parameters, families it means something for)
 ABLATIONS = {
     "a": ("previous default (k/v compressed)", {}, ("sd3", "pixart")),
@@ -152,7 +155,6 @@ def block_speedups(family: str, designs: Dict[str, Dict], px: int = 2048, prompt
     (SD3.5-Medium's MMDiT-X block, PixArt-Sigma's block; random weights), measured with
     research.bench's block level. The original block is timed once, every design's EDiT
     block in the same process right after: on a CPU other work in between skews the ratios."""
-    from ..bench import Case, Point, default_device, measure
     name = "sd35" if family == "sd3" else "pixart"
     device = default_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -182,5 +184,3 @@ def write_json(records: Dict, path: Path):
         return obj
     path.write_text(json.dumps(strip(records), indent=1))
 
-
-__all__ = ["ABLATIONS", "StudySettings", "QUICK", "run_family", "write_json", "asdict"]

@@ -27,14 +27,13 @@ named by the fingerprint of its settings and data.
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 import comfy.latent_formats
 import comfy.model_base
@@ -44,6 +43,7 @@ import comfy.supported_models
 from comfy.ldm.modules.diffusionmodules.mmdit import get_2d_sincos_pos_embed
 
 from edit_core.distill.config import fingerprint
+from edit_core.util.safetensors_io import save_safetensors
 from .captions import CaptionEncoder, Vocabulary
 from .emoji import EmojiSet, to_unit
 
@@ -256,14 +256,12 @@ def train_teacher(config: TeacherConfig, data: EmojiSet, work_dir: Path,
     with torch.no_grad():
         for e, p in zip(ema, params):
             p.copy_(e)
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in base.diffusion_model.state_dict().items()}
-    tensors |= {f"encoder.{k}": v.detach().contiguous() for k, v in encoder.state_dict().items()}
+    tensors = {f"model.{k}": v for k, v in base.diffusion_model.state_dict().items()}
+    tensors |= {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
     meta = {"format": FORMAT, "config": json.dumps(asdict(config)), "vocabulary": json.dumps(vocabulary.words),
             "history": json.dumps(history), "seconds": f"{seconds:.1f}", "source": data.source}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    save_safetensors(tensors, path, meta)
     return load_teacher(path)
 
 

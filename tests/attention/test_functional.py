@@ -1,10 +1,11 @@
-"""linear_attention and mm_edit_attention against explicit float64 references."""
+"""The read-outs of functional.py (linear attention, the MM-EDiT image-row mix) against float64 references."""
 import math
 
 import pytest
 import torch
 
-from edit_core.attention.functional import linear_attention, mix_image_rows, mm_edit_attention
+from edit_core.attention.functional import (add_linear_attention, linear_attention, linear_attention_state,
+                                            mix_image_rows, mm_edit_attention)
 from edit_core.attention.reference import linear_attention_ref, mm_edit_attention_ref, softmax_attention_ref
 from helpers import FP32_TOL, features, mm_inputs, rel_err
 
@@ -137,20 +138,31 @@ def test_gradcheck_mm_edit_attention():
     assert torch.autograd.gradcheck(lambda *a: mm_edit_attention(*a[:-1], eta=a[-1]), (*inputs, eta))
 
 
+@pytest.mark.parametrize("b", [1, 3])
+def test_add_linear_attention_adds_into_the_accumulator(b):
+    q, k, v = features(b, 2, 21, 8), features(b, 2, 6, 8), torch.randn(b, 2, 6, 8)
+    acc = torch.randn(b, 21, 2, 8).transpose(1, 2)  # a head view of (B, N, C) tokens, as the layer's
+    start = acc.double().clone()
+    add_linear_attention(acc, q, linear_attention_state(k, v))
+    assert rel_err(acc, start + linear_attention_ref(q, k, v)) < FP32_TOL
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n_img", [4096, 16384, 65536])
 def test_mix_image_rows_prompt_weight_at_real_token_ratios(n_img, dtype):
-    # Issue 11: eta as a float32 tensor near 1 (a learned eta); with the image-image part zero
+    # A learned eta near 1 as a float32 tensor; with the image-image part zero (a zero state)
     # the image rows are (1 - eta) * softmax, held against float64 on sampled rows.
     b, h, d, n_txt = 1, 2, 8, 333
     q_img, k_txt, v_txt = (torch.randn(b, h, n, d).to(dtype) for n in (n_img, n_txt, n_txt))
-    eta = torch.sigmoid(math.log(n_img / n_txt) + torch.tensor([0.3, -0.2])).view(1, h, 1, 1)
-    out = mix_image_rows(q_img, k_txt, v_txt, torch.zeros_like(q_img), eta)
+    logit = math.log(n_img / n_txt) + torch.tensor([0.3, -0.2])
+    eta, rest = torch.sigmoid(logit).view(1, h, 1, 1), torch.sigmoid(-logit).view(1, h, 1, 1)
+    soft = torch.nn.functional.scaled_dot_product_attention(q_img, k_txt, v_txt)
+    out = mix_image_rows(torch.empty_like(q_img), q_img.relu(), torch.zeros(b, h, d, d + 1), soft, eta, rest)
     rows = torch.randperm(n_img)[:256]
     ref = (1 - eta.double()) * softmax_attention_ref(q_img[:, :, rows], k_txt, v_txt)
     tol = {torch.float16: 5e-3, torch.bfloat16: 2e-2}[dtype]
     assert out.dtype == dtype and rel_err(out[:, :, rows], ref) < tol
-    # Before the fix the lerp weight was eta cast to the tensor's dtype.
+    # A lerp with eta rounded to the activations' dtype gets the prompt weight wrong.
     old = torch.lerp(softmax_attention_ref(q_img[:, :, rows], k_txt, v_txt).to(dtype),
                      torch.zeros(b, h, 256, d, dtype=dtype), eta.to(dtype))
     old_weight_error = ((1 - eta.to(dtype).double()) / (1 - eta.double()) - 1).abs().max().item()

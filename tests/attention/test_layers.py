@@ -7,11 +7,11 @@ import torch.nn.functional as F
 
 from torch.func import functional_call
 
-from edit_core.attention.layers import (ConvFusion, EDiTAttention, HybridEDiTAttention, LocalValueConv, SpatialCompressor,
-                               compressed_grid, merge_heads, split_heads)
+from edit_core.attention.layers import (ConvFusion, EDiTAttention, HybridEDiTAttention, LocalValueConv,
+                                        SpatialCompressor, merge_heads, split_heads)
 from edit_core.attention.reference import (conv_fusion_ref, edit_attention_ref, hybrid_attention_ref,
-                                 linear_attention_ref, local_value_ref, softmax_attention_ref,
-                                 spatial_compressor_ref)
+                                           linear_attention_ref, local_value_ref, softmax_attention_ref,
+                                           spatial_compressor_ref)
 
 from helpers import FP32_TOL, rel_err
 from helpers import LAYER_LOW_PRECISION_TOL, randomize
@@ -42,9 +42,8 @@ def test_spatial_compressor_matches_reference(grid, b, c):
     sc = randomize(SpatialCompressor(c))
     x = torch.randn(b, grid[0] * grid[1], c)
     out = sc(x, grid)
-    h, w = compressed_grid(grid)
+    h, w = -(-grid[0] // 2), -(-grid[1] // 2)
     assert out.shape == (b, h * w, c)
-    assert (h, w) == (-(-grid[0] // 2), -(-grid[1] // 2))
     assert rel_err(out, spatial_compressor_ref(sc, x, grid)) < FP32_TOL
 
 
@@ -121,7 +120,7 @@ def test_local_branch_can_be_left_out():
 
 def test_learned_eta_starts_at_the_token_ratio():
     layer = HybridEDiTAttention(32, 2)
-    assert torch.allclose(layer.eta(300, 100), torch.full((1, 2, 1, 1), 0.75))
+    assert torch.allclose(layer.mix_weights(300, 100)[0], torch.full((1, 2, 1, 1), 0.75))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -186,7 +185,7 @@ def test_grad_flows_to_every_edit_parameter():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
 
 
-# Issue 11: the prompt weight 1 - eta at SD3's real token ratios: 1024, 2048 and 4096 px give
+# The prompt weight 1 - eta at SD3's real token ratios: 1024, 2048 and 4096 px give
 # 4096, 16384 and 65536 image tokens, against 333 prompt tokens. With the image-image part
 # zeroed (SC(v) = 0, local branch untrained) the image rows are exactly (1 - eta) * softmax(
 # q_img, k_txt, v_txt): the prompt-weighted part alone, held against float64 on sampled rows.
@@ -220,10 +219,10 @@ def test_prompt_weight_is_right_at_real_token_ratios_in_low_precision(side, dtyp
     tol = PROMPT_WEIGHT_TOL[dtype]
     assert rel_err(split_heads(o_img, heads)[:, :, rows], rest * soft_ref) < tol
 
-    # The formula before the fix: a lerp towards the softmax part with 1 - eta computed after
-    # eta was cast to the activations' dtype. Where that weight is off by more than twice the
-    # tolerance, the same check fails on it: this test would catch the old code.
-    eta = layer.eta(n, N_TXT)
+    # A lerp towards the softmax part with 1 - eta computed after eta was cast to the
+    # activations' dtype: where that weight is off by more than twice the tolerance, the same
+    # check fails on it, so this test tells the two formulas apart.
+    eta = layer.mix_weights(n, N_TXT)[0]
     old_weight = 1 - (eta.to(dtype) if torch.is_tensor(eta) else eta)
     old_rows = torch.zeros_like(qi).lerp_(F.scaled_dot_product_attention(qi, kt, vt), old_weight)
     weight_error = ((torch.as_tensor(old_weight).double() - rest).abs() / rest).max().item()
@@ -231,7 +230,7 @@ def test_prompt_weight_is_right_at_real_token_ratios_in_low_precision(side, dtyp
         assert rel_err(old_rows, rest * soft_ref) > tol
 
 
-# Issue 11's student variants, each against its float64 reference: odd grids, batch 2.
+# The student-design variants, each against its float64 reference: odd grids, batch 2.
 VARIANTS = {
     "local-outside": dict(local_placement="outside"),
     "no-convfusion": dict(cf_kernel=0),
@@ -298,7 +297,7 @@ def test_local_placement_outside_keeps_the_local_branch_out_of_the_eta_weight():
     x, q, k, v = (torch.randn(2, 35, c) for _ in range(4))
     txt = [torch.randn(2, n_txt, c) for _ in range(3)]
     local = split_heads(inside.local(v, grid), heads)
-    eta = inside.eta(35, n_txt)
+    eta = inside.mix_weights(35, n_txt)[0]
     difference = split_heads(outside(x, *txt, q, k, v, grid)[1] - inside(x, *txt, q, k, v, grid)[1], heads)
     assert rel_err(difference, (1 - eta.double()) * local.double()) < FP32_TOL
 
@@ -318,7 +317,7 @@ def test_untrained_uncompressed_layer_without_convfusion_is_relu_linear_attentio
 def test_stride_1_compressor_keeps_the_grid(grid):
     sc = randomize(SpatialCompressor(6, 3, stride=1))
     x = torch.randn(2, grid[0] * grid[1], 6)
-    assert compressed_grid(grid, 1) == grid and sc(x, grid).shape == x.shape
+    assert sc(x, grid).shape == x.shape
     assert rel_err(sc(x, grid), spatial_compressor_ref(sc, x, grid)) < FP32_TOL
     identity = SpatialCompressor(6, 1, stride=1)
     assert torch.equal(identity(x, grid), x)

@@ -14,7 +14,7 @@ from edit_core.bank import (DEFAULT_DESIGN, FORMAT_VERSION, EDiTError, ModelSpec
 from edit_core.comfyui.model import model_spec
 from edit_core.comfyui.patcher import apply_edit
 
-from helpers import LEGACY_DESIGN, randomized_bank, run, sd3_inputs
+from helpers import ORIGINAL_DESIGN, randomized_bank, run, sd3_inputs
 
 SPEC = ModelSpec("sd3", 128, 2, 2, ("joint_blocks.0.attn", "joint_blocks.0.attn2", "joint_blocks.1.attn"))
 
@@ -32,7 +32,7 @@ def test_init_is_deterministic_for_a_seed():
 
 
 def test_untrained_bank_starts_at_zero_convfusion_and_low_pass_compressor():
-    bank = init_bank(SPEC, **LEGACY_DESIGN)
+    bank = init_bank(SPEC, **ORIGINAL_DESIGN)
     t = bank.tensors()
     assert torch.equal(t["joint_blocks.1.attn.cf.proj.weight"], torch.zeros_like(t["joint_blocks.1.attn.cf.proj.weight"]))
     k = t["joint_blocks.0.attn2.sc_k.weight"]
@@ -58,8 +58,8 @@ def test_init_applies_the_default_design_and_keywords_override_it():
     assert {key: getattr(config, key) for key in DEFAULT_DESIGN} == DEFAULT_DESIGN
     assert (config.reduction, config.cf_kernel, config.local_kernel, config.eta_mode, config.local_placement,
             config.cf_input) == (32, 3, 3, "learned", "inside", "residual")
-    legacy = init_bank(SPEC, **LEGACY_DESIGN).config
-    assert {key: getattr(legacy, key) for key in LEGACY_DESIGN} == LEGACY_DESIGN
+    original = init_bank(SPEC, **ORIGINAL_DESIGN).config
+    assert {key: getattr(original, key) for key in ORIGINAL_DESIGN} == ORIGINAL_DESIGN
     assert init_bank(SPEC, qkv_rank=8).config.qkv_rank == 8
     assert (init_bank(SPEC, sc_kernel=3).config.sc_kernel, init_bank(SPEC, sc_kernel=3).config.sc_stride) == (3, 1)
     assert {key: default_hparam(key) for key in DEFAULT_DESIGN} == DEFAULT_DESIGN
@@ -176,7 +176,7 @@ def edit_hparams(meta, **changes):
     return {**meta, "hparams": json.dumps({**json.loads(meta["hparams"]), **changes})}
 
 
-# Issue 10, point 6: each bad metadata value is refused naming the file, the field, what was
+# Each bad metadata value is refused naming the file, the field, what was
 # expected and what was found, and saying what to do.
 @pytest.mark.parametrize("change,message", [
     (lambda m: {**m, "heads": "-2"}, "field 'heads' must be a whole number from 1 to 256, found '-2'"),
@@ -314,7 +314,7 @@ def test_init_rejects_unknown_layers():
         init_bank(SPEC, layers=["joint_blocks.1.attn2"])
 
 
-# Issue 11: the student-design options as bank hyper-parameters.
+# The student-design options as bank hyper-parameters.
 PIXART_SPEC = ModelSpec("pixart", 64, 2, 2, ("blocks.0.attn", "blocks.1.attn"))
 OPTIONS = [dict(local_placement="outside"), dict(cf_kernel=0), dict(sc_kernel=1, sc_stride=1), dict(sc_stride=1),
            dict(cf_input="modulated"), dict(qkv_rank=8), dict(qkv_rank=256),
@@ -324,7 +324,7 @@ OPTIONS = [dict(local_placement="outside"), dict(cf_kernel=0), dict(sc_kernel=1,
 @pytest.mark.parametrize("spec", [SPEC, PIXART_SPEC], ids=["sd3", "pixart"])
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_student_options_round_trip(tmp_path, spec, options):
-    bank = randomized_bank(init_bank(spec, **dict(LEGACY_DESIGN, **options)))  # each option over the legacy design
+    bank = randomized_bank(init_bank(spec, **dict(ORIGINAL_DESIGN, **options)))  # each option over the original design
     save_bank(bank, tmp_path / "b.safetensors")
     loaded = load_bank(tmp_path / "b.safetensors")
     assert loaded.config == bank.config
@@ -342,8 +342,8 @@ def test_student_options_round_trip(tmp_path, spec, options):
         assert t[f"{layer}.qkv_update.down"].shape == (3 * options["qkv_rank"], spec.hidden_size)
 
 
-def test_a_legacy_design_bank_stores_only_the_hyper_parameters_of_before(tmp_path):
-    save_bank(init_bank(SPEC, **LEGACY_DESIGN), tmp_path / "b.safetensors")
+def test_an_original_design_bank_stores_only_the_hyper_parameters_of_before(tmp_path):
+    save_bank(init_bank(SPEC, **ORIGINAL_DESIGN), tmp_path / "b.safetensors")
     assert set(json.loads(read(tmp_path / "b.safetensors")[1]["hparams"])) == {
         "reduction", "cf_kernel", "sc_kernel", "local_kernel", "eta_mode"}
 
@@ -353,7 +353,7 @@ def test_a_default_bank_round_trips_as_the_default_design(tmp_path, spec):
     bank = randomized_bank(init_bank(spec))
     save_bank(bank, tmp_path / "b.safetensors")
     stored = json.loads(read(tmp_path / "b.safetensors")[1]["hparams"])
-    assert {key: stored[key] for key in DEFAULT_DESIGN} == DEFAULT_DESIGN  # stored, so it never reads as legacy
+    assert {key: stored[key] for key in DEFAULT_DESIGN} == DEFAULT_DESIGN  # stored, so it never reads as the original design
     loaded = load_bank(tmp_path / "b.safetensors")
     assert loaded.config == bank.config
     assert {key: getattr(loaded.config, key) for key in DEFAULT_DESIGN} == DEFAULT_DESIGN
@@ -362,9 +362,9 @@ def test_a_default_bank_round_trips_as_the_default_design(tmp_path, spec):
 
 
 @pytest.mark.parametrize("spec,cf_input", [(SPEC, "residual"), (PIXART_SPEC, "modulated")], ids=["sd3", "pixart"])
-def test_a_bank_written_before_the_options_loads_as_the_legacy_design(tmp_path, spec, cf_input):
+def test_a_bank_written_before_the_options_loads_as_the_original_design(tmp_path, spec, cf_input):
     path = tmp_path / "old.safetensors"
-    bank = randomized_bank(init_bank(spec, **LEGACY_DESIGN))
+    bank = randomized_bank(init_bank(spec, **ORIGINAL_DESIGN))
     save_bank(bank, path)
     tensors, meta = read(path)
     old = {"reduction": 32, "cf_kernel": 3, "sc_kernel": 3, "local_kernel": 3, "eta_mode": "learned"}

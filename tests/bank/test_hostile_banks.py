@@ -1,6 +1,5 @@
-"""Hostile and careless inputs outside distillation (issue 10): memory-bomb banks, bad
+"""Hostile and careless inputs outside distillation: memory-bomb banks, bad
 Save EDiT file names. Each is refused with an EDiTError naming the file or input."""
-import json
 import os
 import re
 import subprocess
@@ -10,12 +9,9 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from safetensors import safe_open
-from safetensors.torch import save_file
-
-from edit_core.bank import EDiTError, ModelSpec, bank_file_stem, init_bank, load_bank, save_bank
+from edit_core.bank import EDiTError, bank_file_stem, init_bank, load_bank, save_bank
 from edit_core.util.memory import PeakTensorMemory
-from helpers import BOMBS, SPEC, sd3_layers, write_bomb
+from helpers import BOMBS, SPEC, write_bomb
 
 def resident_peak_kib() -> int:
     return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))

@@ -14,7 +14,8 @@ import pytest
 
 from conftest import REPO
 from edit_core.client.batch import Client, ServerDown, main, parse_args
-from edit_core.client.workflow import SAMPLERS, WorkflowError, load_graph, nodes_of, use_tiny_models, with_settings
+from edit_core.client.tiny_workflow import use_tiny_models
+from edit_core.client.workflow import SAMPLERS, WorkflowError, load_graph, nodes_of, with_settings
 from edit_core.client.server import free_port
 
 WORKFLOW = str(REPO / "workflows" / "api" / "sd35_medium_edit.json")

@@ -92,4 +92,4 @@ def test_cli_lists_take_spaces_and_commas_and_no_abbreviations(capsys):
     assert "unrecognized arguments: --fam" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
-    assert "(default: sd35)" in capsys.readouterr().out
+    assert "(default: sd3)" in capsys.readouterr().out

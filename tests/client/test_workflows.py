@@ -13,7 +13,9 @@ from PIL import Image
 
 from conftest import REPO
 from edit_core.client.batch import Job, run_batch
-from edit_core.client.workflow import WorkflowError, load_graph, ui_to_api, use_tiny_models, with_settings
+from edit_core.client.tiny_workflow import use_tiny_models
+from edit_core.client.ui_format import ui_to_api
+from edit_core.client.workflow import WorkflowError, load_graph, with_settings
 from helpers import assert_real_image
 
 UI = sorted((REPO / "workflows").glob("*.json"))

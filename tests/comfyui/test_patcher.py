@@ -14,14 +14,15 @@ from edit_core.bank import EDiTError, init_bank
 from edit_core.comfyui.model import model_spec
 from edit_core.attention.layers import merge_heads, split_heads
 from edit_core.distill.losses import StudentLoss
-from edit_core.comfyui.patcher import (STUDENT, TEACHER, EditOptions, EditState, PixArtAttentionPatch, SD3BlockPatch,
-                               apply_edit, call_model, edit_bank_of, layer_inputs, sd3_modulated_input,
-                               sd3_pre_attention)
+from edit_core.comfyui.patcher import (STUDENT, TEACHER, EditOptions, EditState, apply_edit, call_model, edit_bank_of,
+                                       layer_inputs)
+from edit_core.comfyui.pixart import PixArtAttentionPatch
+from edit_core.comfyui.sd3 import SD3BlockPatch, sd3_modulated_input, sd3_pre_attention
 from edit_core.attention.reference import edit_attention_ref, hybrid_attention_ref, softmax_attention_ref
 
-from helpers import LEGACY_DESIGN, pixart_inputs, randomized_bank, run, sd3_inputs, sd15_patcher
+from helpers import ORIGINAL_DESIGN, pixart_inputs, randomized_bank, run, sd3_inputs, sd15_patcher
 
-DESIGNS = {"default": {}, "legacy": LEGACY_DESIGN}  # init_bank keywords: the shipped default, the design before it
+DESIGNS = {"default": {}, "original": ORIGINAL_DESIGN}  # init_bank keywords: the shipped default, the design before it
 from helpers import FP32_TOL, rel_err
 from helpers import LAYER_LOW_PRECISION_TOL
 

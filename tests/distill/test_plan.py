@@ -10,6 +10,8 @@ import comfy.sd
 
 from edit_core.bank import EDiTError
 from edit_core.distill import plan as P
+from edit_core.distill.plan import cli as plan_cli
+from edit_core.distill.plan.harness import arch_key
 from edit_core.distill.config import DistillConfig
 from edit_core.util.memory import PeakTensorMemory
 from edit_core.comfyui.architectures import (PIXART_SIGMA, SD35_MEDIUM, model_config_for, model_config_from_file,
@@ -73,7 +75,7 @@ def test_fake_measurement_equals_the_real_runs_counted_peak(unet_config):
 
 
 def test_a_batch_runs_example_by_example_and_e2e_holds_more_than_layerwise():
-    model = P.fake_model(P._arch_key(model_config_from_unet_config(TINY_SD3, "tiny")), "", "bfloat16")
+    model = P.fake_model(arch_key(model_config_from_unet_config(TINY_SD3, "tiny")), "", "bfloat16")
     one, two = (P.measure(model, "e2e", b, (256, 256)) for b in (1, 2))
     # examples run one after the other: activations do not stack; the second example's inputs and
     # its gradients beside the accumulated ones (at most one more bank) are all that is added
@@ -110,10 +112,10 @@ def test_check_fits_refuses_an_impossible_budget_with_the_table_and_a_setting_th
 
 
 def test_real_architectures_at_full_size_build_fake_in_seconds():
-    sd35 = P.fake_model(P._arch_key(model_config_for("sd35-medium")), "", "bfloat16")
+    sd35 = P.fake_model(arch_key(model_config_for("sd35-medium")), "", "bfloat16")
     assert (sd35.spec.depth, sd35.spec.hidden_size, sd35.spec.heads, len(sd35.spec.layers)) == (24, 1536, 24, 37)
     assert 2.2e9 < sd35.parameters < 2.3e9
-    pixart = P.fake_model(P._arch_key(model_config_for("pixart-sigma")), "", "bfloat16")
+    pixart = P.fake_model(arch_key(model_config_for("pixart-sigma")), "", "bfloat16")
     assert (pixart.spec.depth, pixart.spec.hidden_size, pixart.spec.heads, len(pixart.spec.layers)) == (28, 1152, 16, 28)
     assert 0.55e9 < pixart.parameters < 0.65e9
     teacher = P.measure(pixart, "teacher", 1, (512, 512))  # CFG: two rows
@@ -138,7 +140,7 @@ def test_model_config_from_a_checkpoint_header_matches_comfyuis_detection(tmp_pa
 def test_cli_prints_the_table_and_targets_for_a_checkpoint_file(tmp_path, capsys):
     path = tmp_path / "tiny_sd35.safetensors"
     save_file(sd3_state_dict(depth=2, mmditx_layers=(0,), pos_embed_max_size=128), str(path))  # 2048 px fits
-    code = P.main(["--model", str(path), "--resolutions", "128,256", "--mode", "layerwise", "--device-memory", "8GB",
+    code = plan_cli.main(["--model", str(path), "--resolutions", "128,256", "--mode", "layerwise", "--device-memory", "8GB",
                    "--json", str(tmp_path / "plan.json")])
     out = capsys.readouterr().out
     assert code == 0 and "| 128 px | layerwise | 1 |" in out and "| 256 px | layerwise | 1 |" in out
@@ -147,11 +149,11 @@ def test_cli_prints_the_table_and_targets_for_a_checkpoint_file(tmp_path, capsys
 
 
 def test_cli_options():
-    help_text = P.build_parser().format_help()
+    help_text = plan_cli.build_parser().format_help()
     assert "(default: 24GiB)" in help_text and "(default: sd35-medium)" in help_text
     with pytest.raises(SystemExit):
-        P.build_parser().parse_args(["--batch", "2"])  # no abbreviations
-    assert P.build_parser().parse_args(["--resolutions", "512", "1024,2048"]).resolutions == [[512], [1024, 2048]]
+        plan_cli.build_parser().parse_args(["--batch", "2"])  # no abbreviations
+    assert plan_cli.build_parser().parse_args(["--resolutions", "512", "1024,2048"]).resolutions == [[512], [1024, 2048]]
     assert P.parse_bytes("24GiB") == P.parse_bytes("24 GB") == P.parse_bytes("24") == 24 * P.GiB
     assert P.parse_bytes("8000MiB") == 8000 * 2 ** 20
     with pytest.raises(EDiTError, match="memory size"):

@@ -22,7 +22,7 @@ def pack_python_files():
 
 def test_the_search_sees_the_pack():
     names = {p.relative_to(REPO).as_posix() for p in pack_python_files()}
-    assert {"edit_core/bank/__init__.py", "edit_core/client/batch.py", "nodes/bank_nodes.py", "tests/project/test_no_unsafe_code.py"} <= names
+    assert {"edit_core/bank/file.py", "edit_core/client/batch.py", "nodes/bank_nodes.py", "tests/project/test_no_unsafe_code.py"} <= names
 
 
 def test_no_unpickling_and_no_eval_or_exec_in_the_pack():

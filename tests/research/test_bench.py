@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from research.bench import run_benchmark
 from research.bench.__main__ import TINY, parse, parser
 from research.bench.backends import SDPA, ZeroCostAttention
 from research.bench.cases import Case, Point
 from research.bench.report import merge
+from research.bench.run import run_benchmark
 from edit_core.util.memory import measure_peak
 from edit_core.comfyui.patcher import edit_bank_of
 from edit_core.attention.layers import HybridEDiTAttention

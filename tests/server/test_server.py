@@ -1,18 +1,13 @@
 """The pack inside a real ComfyUI server process, driven over HTTP (the session's
 ``comfy_server``: this pack in custom_nodes/, the tiny models in models/)."""
 import asyncio
-import importlib.util
 import shutil
-import sys
-import time
 
 import pytest
 from safetensors import safe_open
 
-from helpers import REPO
 from edit_core.client.batch import Job, run_batch
 from edit_core.fixtures.names import TINY_BANKS, TINY_SD35
-from edit_core.client.workflow import load_graph, use_tiny_models
 from helpers import DISTILL_TIMEOUT, distill_graph, pack_mappings, run_graph, tiny_sd35_graph
 
 

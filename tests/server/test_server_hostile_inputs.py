@@ -8,7 +8,8 @@ import pytest
 
 from conftest import REPO
 from edit_core.fixtures.names import TINY_SD35
-from edit_core.client.workflow import load_graph, nodes_of, use_tiny_models
+from edit_core.client.tiny_workflow import use_tiny_models
+from edit_core.client.workflow import load_graph, nodes_of
 
 from helpers import BOMBS, write_bomb
 
