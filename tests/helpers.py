@@ -28,8 +28,8 @@ from edit_core.fixtures.tiny_models import SD3_CONTEXT_DIM, SD3_POOLED_DIM, rand
 REPO = Path(__file__).resolve().parents[1]
 
 
-# The student design of the banks made before issue 11's default switch (what a file without
-# the optional hparams means): for tests about that design, passed to init_bank explicitly.
+# The original student design (what a bank file without the optional hparams means), passed to
+# init_bank explicitly by tests about that design.
 ORIGINAL_DESIGN = {"sc_kernel": 3, "sc_stride": 2, "qkv_rank": 0}
 
 
@@ -111,7 +111,7 @@ def randomize(module, scale=0.5):
 
 
 # Small real banks whose metadata claims a huge model. Building the claimed bank would take
-# gigabytes (issue 10: 6.8 GB under a 10 GB cap for the first, 60 GB without one).
+# gigabytes (6.8 GB under a 10 GB cap for the first, 60 GB without one).
 SPEC = ModelSpec("sd3", 128, 2, 2, ("joint_blocks.0.attn", "joint_blocks.0.attn2", "joint_blocks.1.attn"))
 
 

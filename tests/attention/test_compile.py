@@ -39,6 +39,7 @@ def compiled(fn):
     return torch.compile(fn, fullgraph=True, dynamic=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 2])
 def test_linear_attention_compiles(batch):
     q, k, v = features(batch, 2, 30, 16), features(batch, 2, 9, 16), torch.randn(batch, 2, 9, 16)
@@ -146,6 +147,7 @@ def test_patched_model_compiles_whole_without_graph_breaks(family, pytorch_atten
     assert dict(counters["graph_break"]) == {}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd35", "pixart"])
 def test_patched_model_under_inductor_matches_eager(family, pytorch_attention):
     patched, inputs = patched_tiny_model(family)

@@ -206,6 +206,7 @@ def test_a_second_run_into_the_same_folder_keeps_the_first_runs_images(comfy_ser
     assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(Path(f).name for f in (first_file, second_file))
 
 
+@pytest.mark.slow
 def test_timeout_counts_seconds_without_news_not_the_jobs_length(comfy_server, tmp_path):
     """A job that keeps reporting progress for longer than the timeout is followed to its
     end; a job the server says nothing about (queued behind it) is dropped after the

@@ -13,6 +13,8 @@ from edit_core.client.example import build_parser, flat, main
 from helpers import assert_real_image
 
 
+@pytest.mark.server  # starts its own ComfyUI server
+@pytest.mark.slow
 def test_example_runs_on_the_tiny_models_and_makes_real_images(tmp_path, capsys):
     assert main(["--family", "pixart", "--sizes", "384", "--seeds", "0", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out

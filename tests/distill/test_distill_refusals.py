@@ -179,6 +179,7 @@ def test_cli_help_shows_defaults_and_abbreviations_are_refused():
     assert done.returncode == 2 and "unrecognized arguments: --resolution" in done.stderr
 
 
+@pytest.mark.slow
 def test_cli_refuses_missing_files_and_unwritable_outputs_before_loading_anything(tmp_path):
     model = tmp_path / "model.safetensors"
     model.write_bytes(b"not loaded")  # the checks come first: this is never read

@@ -64,6 +64,7 @@ def test_tiny_teachers_attention_is_far_from_uniform(teacher):
     assert mean(ratios.values()) < 0.45, ratios
 
 
+@pytest.mark.slow
 def test_distillation_halves_the_final_latent_error_on_held_out_prompts_and_seeds(teacher, tmp_path):
     family, model, resolution = teacher
     cond = conditioner(model)
@@ -183,6 +184,7 @@ def uninterrupted(tmp_path_factory):
 
 @pytest.mark.parametrize("stage,how", [("teacher", signal.SIGKILL), ("train", signal.SIGINT),
                                        ("train", signal.SIGKILL)])
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_to_the_same_bank(tmp_path, uninterrupted, stage, how):
     proc = cli(tmp_path, *RESUME_STEPS, output="resumed.safetensors", background=True)
     pattern = "teacher-*/image_*.safetensors" if stage == "teacher" else "run-*/checkpoint.safetensors"
@@ -206,6 +208,7 @@ def test_an_interrupted_run_resumes_to_the_same_bank(tmp_path, uninterrupted, st
     assert banks_equal(uninterrupted, tmp_path / "resumed.safetensors")
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_with_the_same_global_batch(tmp_path):
     steps = ["--train-steps", "12", "--checkpoint-every", "100"]
     one = cli(tmp_path, *steps, output="one.safetensors", work=tmp_path / "w1", env_extra={"OMP_NUM_THREADS": "1"})
@@ -234,6 +237,7 @@ def test_benchmark_script_writes_its_table_and_images(tmp_path):
     assert (tmp_path / "sd3_loss.png").stat().st_size > 1000 and (tmp_path / "sd3_latents.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_run_that_does_not_fit_the_device_memory_before_any_work(tmp_path):
     """--device-memory plans for that card (the model's own architecture, fake tensors) and
     refuses with the plan's table before teacher data or training start."""

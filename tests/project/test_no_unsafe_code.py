@@ -1,4 +1,4 @@
-"""No way to run code from a file or a string anywhere in the pack (issue 10): every tracked
+"""No way to run code from a file or a string anywhere in the pack: every tracked
 Python file is searched for Python's object deserialiser and for eval/exec. The patterns are
 assembled here so that this file does not match itself."""
 import re

@@ -94,6 +94,7 @@ def test_quick_teacher_trains_caches_and_samples(family, data, tmp_path):
     assert load_teacher(files[0]).vocabulary.words == teacher.vocabulary.words
 
 
+@pytest.mark.slow
 def test_quick_study_writes_tables_and_pictures(tmp_path):
     """The whole study command in its quick setting: teachers, classifier, attention statistics,
     two student designs per family, block speed, and the report a researcher reads."""

@@ -76,6 +76,7 @@ def checkpoint_step(path) -> int:
         return int(f.metadata()["step"])
 
 
+@pytest.mark.slow
 def test_distill_node_interrupts_with_a_checkpoint_and_resumes(comfy_server, tmp_path):
     graph, distill = distill_graph(train_steps=200)
     runs = comfy_server.base / "output" / "edit_distill"

@@ -2,6 +2,7 @@
 over several prompts without ComfyUI's memory-leak warning."""
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -37,6 +38,7 @@ def sampled_latent(server, tmp_path, enabled, seed, compile_backend=None):
     return load_file(str(path))["latent_tensor"]
 
 
+@pytest.mark.slow
 def test_apply_edit_then_torch_compile_model_then_ksampler(comfy_server, tmp_path):
     seed = int(time.time()) % 2**31  # a fresh seed: ComfyUI's cache must not answer
     log_before = len(comfy_server.log_tail(10**8))

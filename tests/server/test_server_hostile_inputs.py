@@ -1,4 +1,4 @@
-"""Hostile and careless inputs over HTTP on the real server (issue 10): Save EDiT file names,
+"""Hostile and careless inputs over HTTP on the real server: Save EDiT file names,
 a memory-bomb bank in models/edit, malformed layer selections. The user sees the pack's
 error, in /history for errors while running, in POST /prompt's answer for rejected inputs."""
 import time
