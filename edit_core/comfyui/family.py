@@ -1,7 +1,7 @@
 """What a family module (sd3.py, pixart.py) declares about its ComfyUI diffusion models;
 ``model.FAMILIES`` lists one ``FamilyAdapter`` per family."""
 from dataclasses import dataclass
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, List, Tuple
 
 from ..bank import ModelSpec
 
@@ -19,3 +19,4 @@ class FamilyAdapter:
     layer_patches: Callable[..., Dict[str, object]]
     # (diffusion model, layer name, captured inputs, modulated) -> x, h, q, k, v (, q/k/v_txt)
     layer_inputs: Callable[..., Dict[str, object]]
+    block_keys: Callable[[object], List[str]]  # diffusion model -> object keys of its blocks' forwards

@@ -100,5 +100,9 @@ def layer_inputs(dm: PixArtMS, name: str, inputs: Dict[str, torch.Tensor], modul
     return dict(x=inputs["x"], h=inputs["x"], q=q, k=k, v=v)
 
 
+def block_keys(dm: PixArtMS):
+    return [f"diffusion_model.blocks.{i}.forward" for i in range(len(dm.blocks))]
+
+
 ADAPTER = FamilyAdapter("pixart", PixArtMS, PixArtAttentionPatch, model_spec, conditioning_dims, token_grid,
-                        layer_patches, layer_inputs)
+                        layer_patches, layer_inputs, block_keys)

@@ -182,5 +182,9 @@ def layer_inputs(dm: MMDiT, name: str, inputs: Dict[str, torch.Tensor], modulate
                 v_txt=ctx_qkv[2])
 
 
+def block_keys(dm: MMDiT):
+    return [f"diffusion_model.joint_blocks.{i}.forward" for i in range(len(dm.joint_blocks))]
+
+
 ADAPTER = FamilyAdapter("sd3", MMDiT, SD3BlockPatch, model_spec, conditioning_dims, token_grid, layer_patches,
-                        layer_inputs)
+                        layer_inputs, block_keys)

@@ -15,7 +15,7 @@ import torch
 import torch.utils.checkpoint
 
 from ..bank import EDiTBank
-from ..comfyui.model import diffusion_model, model_spec
+from ..comfyui.model import diffusion_model, family_of
 from ..comfyui.patcher import apply_edit, edit_state_of
 
 
@@ -42,18 +42,12 @@ class CheckpointedBlock:
         return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
 
 
-def block_keys(patcher):
-    dm = diffusion_model(patcher)
-    if model_spec(patcher).family == "sd3":
-        return [f"diffusion_model.joint_blocks.{i}.forward" for i in range(len(dm.joint_blocks))]
-    return [f"diffusion_model.blocks.{i}.forward" for i in range(len(dm.blocks))]
-
-
 def trainer_model(model, bank: EDiTBank, checkpoint_blocks: bool = True):
     """A clone of ``model`` with EDiT from ``bank`` and (by default) checkpointed blocks."""
     trainer = apply_edit(model, bank)
     if checkpoint_blocks:
-        for key in block_keys(trainer):
+        dm = diffusion_model(trainer)
+        for key in family_of(dm).block_keys(dm):
             trainer.add_object_patch(key, CheckpointedBlock(trainer.get_model_object(key), edit_state_of(trainer)))
     return trainer
 
