@@ -26,6 +26,8 @@ from edit_core.comfyui.patcher import model_call_options
 from edit_core.fixtures.tiny_models import SD3_CONTEXT_DIM, SD3_POOLED_DIM, randomize_
 
 REPO = Path(__file__).resolve().parents[1]
+# The ComfyUI host this run imported (conftest.py puts it on sys.path).
+COMFYUI_DIR = Path(comfy.model_management.__file__).resolve().parents[1]
 
 
 # The original student design (what a bank file without the optional hparams means), passed to

@@ -7,13 +7,13 @@ from . import DEFAULT_DESIGN, ORIGINAL_HPARAMS, MAX_QKV_RANK, EDiTError, default
 
 # The help groups of the command line's flags.
 MODEL, DESIGN = "model", "student design"
-# cf_input's value that leaves the choice to the model's family (its spelling on each surface).
-FAMILY_CF_INPUT = {"cli": "family", "node": "default"}
+# cf_input's value that leaves the choice to the model's family, on the command line and the node.
+FAMILY_DEFAULT = "default"
 # Said by the widgets whose default is DEFAULT_DESIGN's.
-DESIGN_NOTE = (" The default is the design the fidelity study picked (docs/fidelity.md); banks made before it: "
+DESIGN_NOTE = (" The default is the design the fidelity study picked (docs/fidelity.md); the original design: "
                + ", ".join(f"{key} {ORIGINAL_HPARAMS[key]}" for key in DEFAULT_DESIGN) + ".")
-# The flags that make the design of the banks made before DEFAULT_DESIGN.
-PREVIOUS_DESIGN_FLAGS = " ".join(f"--{key.replace('_', '-')} {ORIGINAL_HPARAMS[key]}" for key in DEFAULT_DESIGN)
+# The flags that make the original design (what a bank file without these options holds).
+ORIGINAL_DESIGN_FLAGS = " ".join(f"--{key.replace('_', '-')} {ORIGINAL_HPARAMS[key]}" for key in DEFAULT_DESIGN)
 
 SETTINGS = (
     Setting("reduction", default_hparam("reduction"), "ConvFusion reduction r of an untrained bank", int, cli=MODEL,
@@ -39,12 +39,11 @@ SETTINGS = (
             choices=("inside", "outside"), cli=DESIGN,
             node={"tooltip": "SD3: the local branch inside the eta-weighted term (its strength changes with "
                   "resolution) or added outside it. PixArt has no eta: both are the same."}),
-    Setting("cf_input", FAMILY_CF_INPUT["cli"],
-            "what ConvFusion reads on SD3: the block's residual stream or the modulated attention input; family: "
+    Setting("cf_input", FAMILY_DEFAULT,
+            "what ConvFusion reads on SD3: the block's residual stream or the modulated attention input; default: "
             "residual on SD3, modulated on PixArt (its only choice)",
-            choices=(FAMILY_CF_INPUT["cli"], "residual", "modulated"), cli=DESIGN,
-            node={"default": FAMILY_CF_INPUT["node"], "choices": (FAMILY_CF_INPUT["node"], "residual", "modulated"),
-                  "tooltip": "What ConvFusion reads on SD3: the block's residual stream or the modulated attention "
+            choices=(FAMILY_DEFAULT, "residual", "modulated"), cli=DESIGN,
+            node={"tooltip": "What ConvFusion reads on SD3: the block's residual stream or the modulated attention "
                   "input. default: residual on SD3, modulated on PixArt (its only choice)."}),
     Setting("qkv_rank", default_hparam("qkv_rank"),
             "rank of a low-rank update of the converted layers' normalised image q/k/v; 0: none", int, cli=DESIGN,
@@ -54,10 +53,10 @@ SETTINGS = (
 
 
 def options_from_flags(args) -> Dict:
-    """init_bank's hyper-parameters from parsed flags (cf_input "family": left to the model's
+    """init_bank's hyper-parameters from parsed flags (cf_input "default": left to the model's
     family); a value no bank could hold is an EDiTError, before anything loads."""
     options = values_from(SETTINGS, vars(args))
-    if options["cf_input"] == FAMILY_CF_INPUT["cli"]:
+    if options["cf_input"] == FAMILY_DEFAULT:
         del options["cf_input"]
     for key, value in options.items():
         problem = hparam_problem(key, value)
@@ -69,6 +68,6 @@ def options_from_flags(args) -> Dict:
 def options_from_widgets(values: Mapping) -> Dict:
     """init_bank's hyper-parameters from the node's widgets (cf_input "default": the family's)."""
     options = values_from(SETTINGS, values, by="widget")
-    if options.get("cf_input", FAMILY_CF_INPUT["node"]) == FAMILY_CF_INPUT["node"]:
+    if options.get("cf_input", FAMILY_DEFAULT) == FAMILY_DEFAULT:
         options["cf_input"] = None
     return options

@@ -32,7 +32,7 @@ from typing import List, Optional, Tuple
 import aiohttp
 from tqdm import tqdm
 
-from ..util.cli import Concatenate, comma_list
+from ..util.cli import Concatenate, comma_list, read_prompt_file, size_of
 from .tiny_workflow import use_tiny_models
 from .workflow import Graph, WorkflowError, load_graph, with_settings
 
@@ -80,8 +80,7 @@ def make_jobs(prompts, seeds, sizes, ab: bool) -> List[Job]:
 
 def parse_size(text: str) -> tuple:
     try:
-        w, _, h = text.lower().partition("x")
-        size = (int(w), int(h or w))
+        size = size_of(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"size {text!r}: expected WIDTH or WIDTHxHEIGHT in pixels") from None
     if min(size) < 16 or size[0] % 16 or size[1] % 16:
@@ -377,16 +376,6 @@ def seed(text: str) -> int:
     return int(text)
 
 
-def read_prompts(path: str) -> List[str]:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise WorkflowError(f"--prompts {path}: no such file; give a text file with one prompt per line") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise WorkflowError(f"--prompts {path}: cannot read it as UTF-8 text ({e})") from None
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m edit_core.client.batch", description=__doc__.split("\n\n")[0],
                                 allow_abbrev=False)
@@ -420,7 +409,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None):
     args = parse_args(argv)
     try:
-        prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
+        prompts = list(args.prompt) + (read_prompt_file(args.prompts, WorkflowError) if args.prompts else [])
         graph = load_graph(args.workflow)
         if args.tiny:
             graph = use_tiny_models(graph)

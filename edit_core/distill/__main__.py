@@ -22,6 +22,7 @@ from typing import Optional
 from ..bank import options as bank_options
 from ..comfyui.env import add_comfyui_flag, setup_comfy
 from ..errors import EDiTError
+from ..util.cli import read_prompt_file
 from ..util.settings import add_flags, values_from
 from .config import DATA, SETTINGS, TRAINING, DistillConfig
 from .plan import parse_bytes
@@ -47,8 +48,8 @@ def build_parser():
     g.add_argument("--init-bank", help="continue from this bank instead of an untrained one")
     g.add_argument("--layers", default="all", help="layers of an untrained bank: 'all' or e.g. '0-12'")
     s = p.add_argument_group("student design of an untrained bank (stored in the bank; see docs/design.md)",
-                             "The defaults are the design the fidelity study picked (docs/fidelity.md); banks made "
-                             f"before it: {bank_options.PREVIOUS_DESIGN_FLAGS}.")
+                             "The defaults are the design the fidelity study picked (docs/fidelity.md); the original "
+                             f"design: {bank_options.ORIGINAL_DESIGN_FLAGS}.")
     add_flags({bank_options.MODEL: g, bank_options.DESIGN: s}, bank_options.SETTINGS)
     g.add_argument("--latents", help="safetensors file with a 'latent' tensor (B, C, h, w) for the task loss")
     add_comfyui_flag(g)
@@ -138,7 +139,7 @@ def catch_stop_signals() -> list:
 def read_prompts(args):
     prompts = list(args.prompt)
     if args.prompts:
-        prompts += [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        prompts += read_prompt_file(args.prompts, EDiTError)
     if not prompts:
         raise EDiTError("no prompts: give --prompts FILE or --prompt TEXT")
     return prompts

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import List, Tuple
 
 from ..errors import EDiTError
+from ..util.cli import list_items, size_of
 from ..util.settings import setting_field, settings_of
 
 MODES = ("layerwise+e2e", "layerwise", "e2e")
@@ -19,19 +20,12 @@ class Phase:
     steps: int
 
 
-def _items(text) -> List[str]:
-    """'0,1 2' or ['0', '1,2'] -> ['0', '1', '2']: comma and space separated lists alike."""
-    parts = text if isinstance(text, (list, tuple)) else [text]
-    return [p for part in parts for p in str(part).replace(",", " ").split()]
-
-
 def parse_resolutions(text) -> Tuple[Tuple[int, int], ...]:
     """'512,1024', '512 1024' or '768x512, 1024' -> ((512, 512), (1024, 1024)) / ((768, 512), (1024, 1024))."""
     out = []
-    for part in _items(text):
-        w, _, h = part.strip().lower().partition("x")
+    for part in list_items(text):
         try:
-            out.append((int(w), int(h or w)))
+            out.append(size_of(part))
         except ValueError:
             raise EDiTError(f"resolutions {text!r}: {part.strip()!r} is not a size like 512 or 768x512")
     return tuple(out)
@@ -40,7 +34,7 @@ def parse_resolutions(text) -> Tuple[Tuple[int, int], ...]:
 def parse_ints(text) -> Tuple[int, ...]:
     """'0,1,2', '0 1 2' -> (0, 1, 2)."""
     try:
-        return tuple(int(p) for p in _items(text))
+        return tuple(int(p) for p in list_items(text))
     except ValueError:
         raise EDiTError(f"{text!r} is not a list of whole numbers (e.g. 0,1,2 or 0 1 2)")
 

@@ -1,6 +1,21 @@
-"""Command-line list options shared by the pack's CLIs: ``--seeds 0 1 2``, ``--seeds 0,1,2``
-or both (``--seeds 0 1,2``)."""
+"""Command-line helpers shared by the pack's CLIs and widgets: list options (``--seeds 0 1 2``,
+``--seeds 0,1,2`` or both: ``--seeds 0 1,2``), image sizes and prompt files."""
 import argparse
+from pathlib import Path
+from typing import List, Tuple, Type
+
+
+def list_items(text) -> List[str]:
+    """'0,1 2' or ['0', '1,2'] -> ['0', '1', '2']: comma and space separated lists alike
+    (a widget's text or a flag's words)."""
+    parts = text if isinstance(text, (list, tuple)) else [text]
+    return [p for part in parts for p in str(part).replace(",", " ").split()]
+
+
+def size_of(text: str) -> Tuple[int, int]:
+    """'512' -> (512, 512), '768x512' -> (768, 512): (width, height) in pixels; ValueError if not a size."""
+    w, _, h = text.strip().lower().partition("x")
+    return int(w), int(h or w)
 
 
 def comma_list(item_type):
@@ -19,6 +34,18 @@ class Concatenate(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         setattr(namespace, self.dest, list(getattr(namespace, self.dest) or []) + [v for vs in values for v in vs])
+
+
+def read_prompt_file(path: str, error: Type[Exception] = ValueError) -> List[str]:
+    """The non-empty lines of a UTF-8 prompt file (``--prompts``), stripped; ``error`` (the
+    CLI's own error type) names the file when it cannot be read."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"--prompts {path}: no such file; give a text file with one prompt per line") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"--prompts {path}: cannot read it as UTF-8 text ({e})") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def flat(values):

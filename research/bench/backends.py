@@ -1,34 +1,12 @@
-"""Which attention function ComfyUI's models call during a benchmark run.
-
-ComfyUI picks ``optimized_attention`` at import (on CPU: sub-quadratic attention), and
-``mmdit.py`` and ``pixart/blocks.py`` bind the name at import time too, so all three module
-globals are swapped together. The patchers look ``comfy.ldm.modules.attention.optimized_attention``
-up at call time, so EDiT's softmax parts follow the same swap.
-"""
-from contextlib import contextmanager
-
+"""The attention functions a benchmark run swaps in (``edit_core.comfyui.attention_function``):
+ComfyUI's SDPA, and the zero-cost stand-in of the Amdahl bound."""
 import comfy.ldm.modules.attention as comfy_attention
-import comfy.ldm.modules.diffusionmodules.mmdit as comfy_mmdit
-import comfy.ldm.pixart.blocks as comfy_pixart_blocks
 
-BOUND_MODULES = (comfy_attention, comfy_mmdit, comfy_pixart_blocks)
-SDPA = comfy_attention.attention_pytorch
+from edit_core.comfyui.attention_function import SDPA
+
 # ComfyUI's decorator that lets transformer_options["optimized_attention_override"] take a call
 # over (absent in older ComfyUI: then there is nothing to honour).
 WRAP_ATTN = getattr(comfy_attention, "wrap_attn", lambda fn: fn)
-
-
-@contextmanager
-def use_attention(fn):
-    """Make ComfyUI's models (and EDiT's softmax parts) call ``fn`` as their attention."""
-    saved = [m.optimized_attention for m in BOUND_MODULES]
-    for m in BOUND_MODULES:
-        m.optimized_attention = fn
-    try:
-        yield fn
-    finally:
-        for m, f in zip(BOUND_MODULES, saved):
-            m.optimized_attention = f
 
 
 class ZeroCostAttention:

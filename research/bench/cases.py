@@ -28,13 +28,14 @@ import comfy.model_management
 
 from edit_core.attention.layers import split_heads
 from edit_core.bank import init_bank
+from edit_core.comfyui.attention_function import SDPA, use_attention
 from edit_core.comfyui.model import FAMILIES as ADAPTERS, model_spec
 from edit_core.comfyui.patcher import STUDENT, TEACHER, apply_edit, call_model
 from edit_core.comfyui.pixart import pixart_qkv
 from edit_core.comfyui.sd3 import comfy_softmax, sd3_pre_attention
 from edit_core.comfyui.speed import model_inputs, sync
 from edit_core.fixtures.tiny_models import randomize_
-from .backends import SDPA, ZeroCostAttention, use_attention
+from .backends import ZeroCostAttention
 from .grid import FAMILIES, FAMILY_TITLES, LEVELS
 from .models import random_patcher
 

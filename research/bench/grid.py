@@ -9,7 +9,8 @@ FAMILY_TITLES = {"sd35": "SD3.5-Medium MMDiT-X joint block", "pixart": "PixArt-S
 RESOLUTIONS = (512, 1024, 2048, 4096)
 BATCHES = (1, 2)
 PROMPTS = (154, 333)
-# The name of backends.SDPA, ComfyUI's function that baseline and EDiT's softmax parts call.
+# The name of edit_core.comfyui.attention_function.SDPA, ComfyUI's function that baseline and
+# EDiT's softmax parts call.
 SDPA_NAME = "comfy.ldm.modules.attention.attention_pytorch (torch.nn.functional.scaled_dot_product_attention)"
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from statistics import mean
 
 from edit_core.comfyui.env import add_comfyui_flag, setup_comfy
+from edit_core.util.cli import list_items
 
 
 def main(argv=None):
@@ -50,7 +51,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     held_seeds, steps, cfg = (101, 102), 6, 3.0
     rows, records = [], {}
-    for family in args.families.split(","):
+    for family in list_items(args.families):
         build, res = teachers[family]
         model = build()
         dims = conditioning_dims(model)
@@ -63,7 +64,7 @@ def main(argv=None):
         work = Path(tempfile.mkdtemp(prefix=f"edit-bench-{family}-"))
         curves = {}
         best = None
-        for mode in args.modes.split(","):
+        for mode in list_items(args.modes):
             config = DistillConfig(resolutions=(res,), seeds=(0, 1), sample_steps=steps, cfg=cfg,
                                    train_steps=args.train_steps, batch_size=4, lr=1e-2, warmup_steps=10,
                                    mode=mode, checkpoint_every=10 ** 9)

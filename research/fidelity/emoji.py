@@ -30,6 +30,8 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from edit_core.util.safetensors_io import atomic_write
+
 PACKAGE = "emoji-datasource-twitter"
 VERSION = "16.0.0"
 INTEGRITY = "sha512-7F+uCuHH+7Qnrc15P5tnbvKkg9E6tlzi4MnT2uW1RlN4pLYTza6cP/dstIfSDMtpjFLWuZewWg8jBbuL2eyELQ=="
@@ -62,10 +64,7 @@ def fetch(dest: Path) -> Path:
     found = integrity_of(data)
     if found != INTEGRITY:
         raise DatasetError(f"{URL}: integrity {found[:30]}... does not match the pinned {INTEGRITY[:30]}...")
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def tarball_path(data_dir: Optional[Path] = None) -> Path:

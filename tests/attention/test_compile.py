@@ -20,10 +20,7 @@ from edit_core.bank import init_bank
 from edit_core.comfyui.model import model_spec
 from edit_core.attention.layers import EDiTAttention, HybridEDiTAttention
 from edit_core.comfyui.patcher import STUDENT, TEACHER, EditOptions, apply_edit
-
-from helpers import pixart_inputs, randomized_bank, run, sd3_inputs
-from helpers import FP32_TOL, features, mm_inputs, rel_err
-from helpers import randomize
+from helpers import FP32_TOL, features, mm_inputs, pixart_inputs, randomize, randomized_bank, rel_err, run, sd3_inputs
 
 GRID = (6, 5)
 

@@ -12,9 +12,8 @@ from edit_core.attention.layers import (ConvFusion, EDiTAttention, HybridEDiTAtt
 from edit_core.attention.reference import (conv_fusion_ref, edit_attention_ref, hybrid_attention_ref,
                                            linear_attention_ref, local_value_ref, softmax_attention_ref,
                                            spatial_compressor_ref)
+from helpers import FP32_TOL, LAYER_LOW_PRECISION_TOL, randomize, rel_err
 
-from helpers import FP32_TOL, rel_err
-from helpers import LAYER_LOW_PRECISION_TOL, randomize
 
 
 GRIDS = [(1, 1), (1, 7), (7, 1), (5, 5), (7, 4), (11, 13), (16, 16)]

@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from edit_core.client.batch import Client, ServerDown, main, parse_args
 from edit_core.client.tiny_workflow import use_tiny_models
 from edit_core.client.workflow import SAMPLERS, WorkflowError, load_graph, nodes_of, with_settings

@@ -8,9 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO
 from edit_core.client.example import build_parser, flat, main
-from helpers import assert_real_image
+from helpers import REPO, assert_real_image
 
 
 @pytest.mark.server  # starts its own ComfyUI server

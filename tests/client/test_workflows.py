@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
 from edit_core.client.batch import Job, run_batch
 from edit_core.client.tiny_workflow import use_tiny_models
 from edit_core.client.ui_format import ui_to_api
 from edit_core.client.workflow import WorkflowError, load_graph, with_settings
-from helpers import assert_real_image
+from helpers import REPO, assert_real_image
 
 UI = sorted((REPO / "workflows").glob("*.json"))
 NAMES = [p.stem for p in UI]

@@ -19,12 +19,10 @@ from edit_core.comfyui.patcher import (STUDENT, TEACHER, EditOptions, EditState,
 from edit_core.comfyui.pixart import PixArtAttentionPatch
 from edit_core.comfyui.sd3 import SD3BlockPatch, sd3_modulated_input, sd3_pre_attention
 from edit_core.attention.reference import edit_attention_ref, hybrid_attention_ref, softmax_attention_ref
-
-from helpers import ORIGINAL_DESIGN, pixart_inputs, randomized_bank, run, sd3_inputs, sd15_patcher
+from helpers import (FP32_TOL, LAYER_LOW_PRECISION_TOL, ORIGINAL_DESIGN, pixart_inputs, randomized_bank, rel_err, run,
+                     sd15_patcher, sd3_inputs)
 
 DESIGNS = {"default": {}, "original": ORIGINAL_DESIGN}  # init_bank keywords: the shipped default, the design before it
-from helpers import FP32_TOL, rel_err
-from helpers import LAYER_LOW_PRECISION_TOL
 
 SD3_VARIANTS = {
     "sd3": dict(depth=2, mmditx_layers=(), qk_norm=False),

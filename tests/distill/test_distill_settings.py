@@ -46,9 +46,11 @@ def test_bank_flags_default_to_the_design_and_leave_cf_input_to_the_family():
         bank_options.options_from_flags(build_parser().parse_args(REQUIRED + ["--cf-kernel", "2"]))
 
 
-def test_bank_widgets_say_the_family_choice_their_own_way():
+def test_bank_widgets_and_flags_spell_the_family_s_default_the_same():
     inputs = widgets(bank_options.SETTINGS, ["cf_input", "sc_stride"])
     assert inputs["cf_input"][0] == ["default", "residual", "modulated"] and inputs["sc_stride"][0] == "INT"
     assert bank_options.options_from_widgets({"cf_input": "default"}) == {"cf_input": None}
     assert bank_options.options_from_widgets({}) == {"cf_input": None}
     assert bank_options.options_from_widgets({"cf_input": "modulated"}) == {"cf_input": "modulated"}
+    flags = build_parser().parse_args(REQUIRED + ["--cf-input", "default"])
+    assert "cf_input" not in bank_options.options_from_flags(flags)

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import COMFYUI_DIR, REPO
+from helpers import COMFYUI_DIR, REPO
 
 # package -> top-level modules it must not load
 FORBIDDEN = {

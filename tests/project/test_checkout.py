@@ -6,7 +6,7 @@ import shutil
 import subprocess
 import sys
 
-from conftest import COMFYUI_DIR, REPO
+from helpers import COMFYUI_DIR, REPO
 
 LEFT_OUT = (".git", ".host", ".compat", "results", "__pycache__", ".pytest_cache")
 

@@ -21,7 +21,7 @@ import sys
 
 import pytest
 
-from conftest import COMFYUI_DIR, REPO
+from helpers import COMFYUI_DIR, REPO
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 ENV_WORD = re.compile(r"^[A-Z_][A-Z0-9_]*=")

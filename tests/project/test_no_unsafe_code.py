@@ -4,7 +4,7 @@ assembled here so that this file does not match itself."""
 import re
 import subprocess
 
-from conftest import REPO
+from helpers import REPO
 
 FORBIDDEN = {
     "torch.load(..., weights_only=" + "False) (loads arbitrary Python objects)": r"weights_only\s*=\s*False",

@@ -6,12 +6,11 @@ import uuid
 
 import pytest
 
-from conftest import REPO
 from edit_core.fixtures.names import TINY_SD35
 from edit_core.client.tiny_workflow import use_tiny_models
 from edit_core.client.workflow import load_graph, nodes_of
+from helpers import BOMBS, REPO, write_bomb
 
-from helpers import BOMBS, write_bomb
 
 
 def execution_error(server, graph, seconds=300):

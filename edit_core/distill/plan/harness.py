@@ -3,7 +3,7 @@ the cross-checks), patched with a bank, and the peak bytes of a teacher pass or 
 step counted by ``PeakTensorMemory``."""
 import json
 import re
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Dict, Optional, Tuple
@@ -147,25 +147,18 @@ class PlanModel:
         return Measured(self.weights + self.bank_bytes + self.optimizer_bytes, self._count(run))
 
 
-@contextmanager
 def _pixart_fused_attention():
-    """Core PixArt calls the attention function it imported and takes no override (its blocks
-    get no transformer_options), so its teacher path would be measured with this CPU's
-    choice; for the measurement only, it gets the fused attention ComfyUI picks on CUDA."""
-    import comfy.ldm.modules.attention as comfy_attention
-    import comfy.ldm.pixart.blocks as pixart_blocks
-    chosen = pixart_blocks.optimized_attention
-    pixart_blocks.optimized_attention = comfy_attention.attention_pytorch
-    try:
-        yield
-    finally:
-        pixart_blocks.optimized_attention = chosen
+    """Core PixArt calls the attention function it imported and takes no override, so its
+    teacher path would be measured with this CPU's choice; for the measurement only, it gets
+    the fused attention ComfyUI picks on CUDA."""
+    from ...comfyui.attention_function import PIXART_MODULES, SDPA, use_attention
+    return use_attention(SDPA, PIXART_MODULES)
 
 
 def _fused_attention(func, *args, **kwargs):
     """``optimized_attention_override``: PyTorch's fused attention, as ComfyUI picks on CUDA."""
-    import comfy.ldm.modules.attention as comfy_attention
-    return comfy_attention.attention_pytorch(*args, **kwargs)
+    from ...comfyui.attention_function import SDPA
+    return SDPA(*args, **kwargs)
 
 
 def _discard(name, grid, tensors):
