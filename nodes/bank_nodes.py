@@ -5,7 +5,7 @@ import folder_paths
 
 from ..edit_core.bank import (EDiTError, bank_file_stem, init_bank, load_bank, parse_layer_selection, save_bank,
                                select_layers)
-from ..edit_core.bank.options import SETTINGS, options_from_widgets
+from ..edit_core.bank.options import LAYERS, SETTINGS, options_from_widgets
 from ..edit_core.comfyui.model import model_spec
 from ..edit_core.util.settings import widgets
 from .folders import EDIT_FOLDER, edit_folder
@@ -56,9 +56,7 @@ class EDiTInitFromModel:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "An SD3/SD3.5 or PixArt-Sigma model."}),
-            "layers": ("STRING", {"default": "all", "tooltip":
-                                  "Which attention layers to convert: 'all' (or blank), or block indices/ranges "
-                                  "such as '0-12' or '0-12:attn2' (SD3.5 MMDiT-X image attention only)."}),
+            **widgets([LAYERS], ["layers"]),
             **widgets(SETTINGS, REQUIRED_OPTIONS),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF}),
         }, "optional": widgets(SETTINGS, DESIGN_OPTIONS)}

@@ -51,6 +51,11 @@ SETTINGS = (
                   "layer's normalised image q/k/v (read from the attention input); 0: none." + DESIGN_NOTE}),
 )
 
+# Which layers an untrained bank converts (bank/selection.py); not a hyper-parameter.
+LAYERS = Setting("layers", "all", "layers of an untrained bank: 'all' or e.g. '0-12'", cli=MODEL,
+                 node={"tooltip": "Which attention layers to convert: 'all' (or blank), or block indices/ranges "
+                                  "such as '0-12' or '0-12:attn2' (SD3.5 MMDiT-X image attention only)."})
+
 
 def options_from_flags(args) -> Dict:
     """init_bank's hyper-parameters from parsed flags (cf_input "default": left to the model's

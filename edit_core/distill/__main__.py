@@ -22,14 +22,10 @@ from typing import Optional
 from ..bank import options as bank_options
 from ..comfyui.env import add_comfyui_flag, setup_comfy
 from ..errors import EDiTError
-from ..util.cli import read_prompt_file
+from ..util.cli import HelpFormatter, read_prompt_file
 from ..util.settings import add_flags, values_from
 from .config import DATA, SETTINGS, TRAINING, DistillConfig
 from .plan import parse_bytes
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
 
 
 def build_parser():
@@ -46,11 +42,10 @@ def build_parser():
                    help="no text encoder: seeded random conditioning of TOKENS tokens per prompt (testing)")
     g.add_argument("--output", required=True, help="the bank file to write (.safetensors)")
     g.add_argument("--init-bank", help="continue from this bank instead of an untrained one")
-    g.add_argument("--layers", default="all", help="layers of an untrained bank: 'all' or e.g. '0-12'")
     s = p.add_argument_group("student design of an untrained bank (stored in the bank; see docs/design.md)",
                              "The defaults are the design the fidelity study picked (docs/fidelity.md); the original "
                              f"design: {bank_options.ORIGINAL_DESIGN_FLAGS}.")
-    add_flags({bank_options.MODEL: g, bank_options.DESIGN: s}, bank_options.SETTINGS)
+    add_flags({bank_options.MODEL: g, bank_options.DESIGN: s}, (bank_options.LAYERS, *bank_options.SETTINGS))
     g.add_argument("--latents", help="safetensors file with a 'latent' tensor (B, C, h, w) for the task loss")
     add_comfyui_flag(g)
     groups = {title: p.add_argument_group(title) for title in (DATA, TRAINING)}

@@ -5,6 +5,16 @@ from pathlib import Path
 from typing import List, Tuple, Type
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help with the description as written and each option's default (unless it is None or
+    the help already says it)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def list_items(text) -> List[str]:
     """'0,1 2' or ['0', '1,2'] -> ['0', '1', '2']: comma and space separated lists alike
     (a widget's text or a flag's words)."""

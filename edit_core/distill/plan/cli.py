@@ -4,7 +4,9 @@ import json
 
 from ...comfyui.env import add_comfyui_flag, setup_comfy
 from ...errors import EDiTError
-from ...util.cli import comma_list
+from ...util.cli import HelpFormatter, comma_list
+from ...util.settings import add_flags
+from ..config import DATA, SETTINGS, TRAINING
 from . import __doc__ as PLAN_DOC
 from .harness import parse_bytes
 from .search import device_budget, make_plan, plan_json
@@ -12,7 +14,7 @@ from .search import device_budget, make_plan, plan_json
 
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m edit_core.distill.plan", description=PLAN_DOC, allow_abbrev=False,
-                                formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, width=100))
+                                formatter_class=lambda prog: HelpFormatter(prog, width=100))
     h = " (default: %(default)s)"
     p.add_argument("--model", default="sd35-medium",
                    help="sd35-medium, pixart-sigma, or a checkpoint file (only its header is read)" + h)
@@ -20,8 +22,9 @@ def build_parser():
                    help="square training resolutions in px, e.g. 512 1024 2048 or 512,1024" + h)
     p.add_argument("--batch-size", type=int, default=1,
                    help="examples per training step (they run one after another: memory hardly changes)" + h)
-    p.add_argument("--mode", choices=("layerwise", "e2e", "layerwise+e2e"), default="layerwise+e2e", help=h.strip())
-    p.add_argument("--layers-per-step", type=int, default=0, help="layers trained per step, 0 = all" + h)
+    # The distillation's own --mode and --layers-per-step; the others differ here: a plan looks at
+    # one example at a time by default, several resolutions, and counts of prompts and seeds.
+    add_flags({DATA: p, TRAINING: p}, [s for s in SETTINGS if s.name in ("mode", "layers_per_step")])
     p.add_argument("--device-memory", default="24GiB", help="memory of the GPU to plan for" + h)
     p.add_argument("--reserve", default="1GiB", help="kept free for the CUDA context and fragmentation" + h)
     p.add_argument("--prompts", type=int, default=4, help="prompts, for the teacher-data size" + h)
