@@ -4,7 +4,8 @@ A bank is built from a ``BankConfig`` (model family, width, heads, depth, conver
 hyper-parameters). Its tensors are named like the model's layers they replace, e.g.
 ``joint_blocks.3.attn.cf.conv.weight`` or ``blocks.7.attn.sc_k.weight``.
 
-- ``design``: the families, the hyper-parameters' rules and defaults, ModelSpec, BankConfig
+- ``families``: what a bank knows of each model family (layer names, hybrid layers, cf_input)
+- ``design``: the hyper-parameters' rules and defaults, ModelSpec, BankConfig
 - ``bank``: EDiTBank, init_bank, and the check that a bank fits a model
 - ``file``: the file's name rules, save_bank, and load_bank, which validates before allocating
 - ``selection``: the layer-selection syntax ('0-12:attn2, 20')

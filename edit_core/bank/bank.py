@@ -8,11 +8,13 @@ import torch.nn as nn
 from ..attention.layers import EDiTAttention, HybridEDiTAttention
 from ..errors import EDiTError
 from .design import DEFAULT_DESIGN, HPARAMS, BankConfig, ModelSpec, family_hparam_problem, hparam_problem
+from .families import BANK_FAMILIES
 
 
 def layer_kind(family: str, name: str) -> str:
-    """'hybrid' for SD3 joint attention, 'linear' for image-only self-attention."""
-    return "hybrid" if family == "sd3" and name.endswith(".attn") else "linear"
+    """'hybrid' where prompt tokens take part (SD3 joint attention), 'linear' for image-only
+    self-attention."""
+    return BANK_FAMILIES[family].layer_kind(name)
 
 
 def _nested_set(root: nn.ModuleDict, name: str, module: nn.Module):

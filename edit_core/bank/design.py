@@ -1,20 +1,20 @@
-"""What a bank is made of: the model families, the hyper-parameters with their rules and
-defaults, ``ModelSpec`` (what a bank must match in a model) and ``BankConfig`` (a bank's
-model, layers and hyper-parameters). No tensors here."""
+"""What a bank is made of: the hyper-parameters with their rules and defaults, ``ModelSpec``
+(what a bank must match in a model) and ``BankConfig`` (a bank's model, layers and
+hyper-parameters). No tensors here; the families' facts are in families.py."""
 from dataclasses import dataclass, field, fields
 from typing import Dict, Optional, Tuple
 
 from ..attention.layers import DEFAULT_REDUCTION, LOCAL_PLACEMENTS
+from .families import BANK_FAMILIES
 
-FAMILIES = ("sd3", "pixart")
+FAMILIES = tuple(BANK_FAMILIES)
 MAX_KERNEL = 15
 MAX_REDUCTION = 1024
 MAX_QKV_RANK = 256
 ETA_MODES = ("learned", "ratio")
 CF_INPUTS = ("residual", "modulated")
-# What ConvFusion reads where a bank does not say: SD3's blocks hand it the raw residual
-# stream x (before norm1 and the adaLN modulation), PixArt's attention its modulated input.
-DEFAULT_CF_INPUT = {"sd3": "residual", "pixart": "modulated"}
+# What ConvFusion reads where a bank does not say, by family.
+DEFAULT_CF_INPUT = {name: family.cf_inputs[0] for name, family in BANK_FAMILIES.items()}
 # The other student-design options as the banks written before they existed have them (the
 # BankConfig field defaults too): a file's hparams that lack one load as this.
 OPTION_DEFAULTS = {"sc_stride": 2, "qkv_rank": 0, "local_placement": "inside"}
@@ -126,7 +126,7 @@ def hparam_problem(key: str, value) -> Optional[str]:
 
 def family_hparam_problem(family: str, key: str, value) -> Optional[str]:
     """None if a valid hyper-parameter fits the family, else what it must be there."""
-    if key == "cf_input" and family == "pixart" and value != "modulated":
-        return ("'modulated' for pixart (its attention input is the modulated one; only SD3 can read the "
-                "residual stream)")
+    allowed = BANK_FAMILIES[family].cf_inputs
+    if key == "cf_input" and value not in allowed:
+        return f"{' or '.join(repr(v) for v in allowed)} for {family} ({BANK_FAMILIES[family].cf_input_reason})"
     return None

@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from ..errors import EDiTError
 from ..util.safetensors_io import save_safetensors
 from .bank import EDiTBank, layer_kind
+from .families import BANK_FAMILIES
 from .design import (FAMILIES, HPARAMS, OPTIONAL_HPARAMS, BankConfig, family_hparam_problem, hparam_problem,
                      original_options)
 
@@ -28,8 +29,6 @@ FORMAT_VERSION = 1
 MAX_DEPTH = 64
 MAX_HEADS = 256
 MAX_HIDDEN = 16384
-LAYER_PATTERNS = {"sd3": r"joint_blocks\.(0|[1-9][0-9]{0,2})\.attn2?", "pixart": r"blocks\.(0|[1-9][0-9]{0,2})\.attn"}
-LAYER_EXAMPLES = {"sd3": "'joint_blocks.0.attn' or 'joint_blocks.0.attn2'", "pixart": "'blocks.0.attn'"}
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 REMAKE = "Use another bank, or make this one again with EDiT Distill and Save EDiT."
 
@@ -127,12 +126,12 @@ def _config_from_metadata(meta: Dict[str, str], path) -> BankConfig:
     if hidden % heads:
         raise _refusal(path, "hidden_size", f"heads ({heads}) x head width, a multiple of {heads}", str(hidden))
     layers = _json_field(meta, path, "layers", list)
-    pattern = LAYER_PATTERNS[family]
+    pattern = BANK_FAMILIES[family].layer_pattern
     for name in layers:
         match = re.fullmatch(pattern, name) if isinstance(name, str) else None
         if not match or int(match.group(1)) >= depth:
             raise _refusal(path, "layers", f"a list of {family} attention layer names like "
-                           f"{LAYER_EXAMPLES[family]} with block indices below depth {depth}", name)
+                           f"{BANK_FAMILIES[family].layer_examples} with block indices below depth {depth}", name)
     if not layers or len(set(layers)) != len(layers):
         raise _refusal(path, "layers", "a non-empty list of distinct layer names", meta["layers"])
     hp = _json_field(meta, path, "hparams", dict)
