@@ -19,6 +19,12 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from ..bank import init_bank, load_bank, save_bank, select_layers
 from ..bank import options as bank_options
 from ..comfyui.env import add_comfyui_flag, setup_comfy
 from ..errors import EDiTError
@@ -106,12 +112,10 @@ def read_settings(args):
 def start_processes(args):
     """ComfyUI on this process's device, and the process group under torchrun: (rank, world)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    import torch
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # ComfyUI takes the current device
     setup_comfy(args.comfyui)
     if world > 1:
-        import torch.distributed as dist
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     return rank, world
 
@@ -160,7 +164,6 @@ def load_model(args):
 
 def start_bank(args, spec, options):
     """--init-bank, or an untrained bank of --layers with the design options."""
-    from ..bank import init_bank, load_bank, select_layers
     if args.init_bank:
         return load_bank(args.init_bank)
     return init_bank(spec, select_layers(spec.layers, args.layers), seed=args.seed, **options)
@@ -169,7 +172,6 @@ def start_bank(args, spec, options):
 def progress_bars(stop: list, rank: int):
     """distill's on_progress: raises KeyboardInterrupt once a stop was asked (distill then
     checkpoints); rank 0 draws one bar per stage. Returns (on_progress, the bars)."""
-    from tqdm import tqdm
     bars = {}
 
     def progress(event):
@@ -190,7 +192,6 @@ def progress_bars(stop: list, rank: int):
 
 def write_outputs(result, out: Path):
     """The bank, its report and charts, and the report on stdout."""
-    from ..bank import save_bank
     from .report import layer_error_chart, loss_curve, report_text
     out.parent.mkdir(parents=True, exist_ok=True)
     save_bank(result.bank, out)
@@ -206,7 +207,6 @@ def write_outputs(result, out: Path):
 
 def run(args, options, config, device_memory, rank: int, stop: list):
     """Load, distill, and (rank 0) write the outputs."""
-    from safetensors.torch import load_file
     from .train import distill
     prompts = read_prompts(args)
     model, spec, encode = load_model(args)
@@ -235,7 +235,6 @@ def main(argv=None):
         print(f"error: {problem}", file=sys.stderr)
         return 2
     rank, world = start_processes(args)
-    import torch.distributed as dist
     stop = catch_stop_signals()
     try:
         run(args, options, config, device_memory, rank, stop)

@@ -25,6 +25,7 @@ from typing import Collection, Dict, Optional
 
 import torch
 import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from ..bank import EDiTBank, layer_kind
 from ..comfyui.model import diffusion_model
@@ -140,7 +141,6 @@ class StudentLoss(nn.Module):
 
 def _value(t: torch.Tensor) -> float:
     """A loss as a float; NaN under FakeTensorMode (memory planning computes no values)."""
-    from torch._subclasses.fake_tensor import FakeTensor
     return float("nan") if isinstance(t, FakeTensor) else float(t)
 
 

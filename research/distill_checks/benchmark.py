@@ -16,8 +16,11 @@ import time
 from pathlib import Path
 from statistics import mean
 
+from edit_core.bank import init_bank
 from edit_core.comfyui.env import add_comfyui_flag, setup_comfy
+from edit_core.distill.config import DistillConfig
 from edit_core.util.cli import list_items
+from edit_core.util.plots import error_map, image_grid, latent_preview, line_chart
 
 
 def main(argv=None):
@@ -33,11 +36,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     setup_comfy(args.comfyui)
     from edit_core.fixtures import tiny_models
-    from edit_core.bank import init_bank
     from edit_core.comfyui.model import conditioning_dims, model_spec
     from edit_core.comfyui.patcher import apply_edit
-    from edit_core.util.plots import error_map, image_grid, latent_preview, line_chart
-    from edit_core.distill.config import DistillConfig
     from .evaluate import attention_entropy, final_latent_errors
     from edit_core.distill.train import distill
     from edit_core.distill.trajectories import sample

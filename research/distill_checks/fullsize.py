@@ -21,8 +21,13 @@ from typing import Dict, List
 
 import torch
 
+from edit_core.bank import save_bank
 from edit_core.comfyui.env import add_comfyui_flag, setup_comfy
+from edit_core.distill.config import DistillConfig
 from edit_core.distill.plan import PlanModel, gib, measure
+from edit_core.distill.teacher_data import TeacherData, image_jobs
+from edit_core.util.memory import PeakTensorMemory
+from .stepcheck import RssPeak
 
 # ComfyUI's PixArt cannot run below 384 px square: its position embedding divides by
 # round(latent side / 64), which is 0 at 256 px.
@@ -32,16 +37,11 @@ STEPS = ("layerwise", "layerwise", "e2e", "e2e")
 
 def run_model(name: str, resolution, sample_steps: int, out: Path, log=print) -> Dict:
     import comfy.model_management
-    from edit_core.bank import save_bank
     from edit_core.comfyui.model import conditioning_dims
     from edit_core.comfyui.architectures import PROMPT_TOKENS, model_config_for
     from edit_core.fixtures.tiny_models import random_conditioning
-    from edit_core.distill.teacher_data import TeacherData, image_jobs
-    from edit_core.distill.config import DistillConfig
     from edit_core.distill.examples import make_example
-    from .stepcheck import RssPeak
     from edit_core.distill.trajectories import generate
-    from edit_core.util.memory import PeakTensorMemory
 
     config = model_config_for(name)
     t0 = time.perf_counter()

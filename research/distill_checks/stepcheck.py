@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+import psutil
 import torch
 
 from edit_core.comfyui.env import add_comfyui_flag, setup_comfy
@@ -40,7 +41,6 @@ class RssPeak:
     """Peak resident memory of this process above where it started, sampled every 5 ms."""
 
     def __init__(self):
-        import psutil
         self.process = psutil.Process()
         self.start = self.peak = self.process.memory_info().rss
         self._stop = threading.Event()

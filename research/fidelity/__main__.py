@@ -11,8 +11,15 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
+
 from edit_core.comfyui.env import add_comfyui_flag, setup_comfy
 from edit_core.util.cli import Concatenate, comma_list
+from . import emoji
+from .attention_stats import attention_stats, synthetic_teachers
+from .features import frechet_distance, train_classifier
+from .report import write_family, write_summary
 
 
 def main(argv=None):
@@ -34,11 +41,8 @@ def main(argv=None):
     families = args.families or ["sd3", "pixart"]
     ablations = args.ablations or ["a", "b", "c", "d", "e", "f", "g"]
     setup_comfy(args.comfyui)
-    import torch
-    from tqdm import tqdm
     if args.threads:
         torch.set_num_threads(args.threads)
-    from . import emoji
     from .teacher import FULL, QUICK, train_teacher
 
     work, out = Path(args.work), Path(args.out)
@@ -56,9 +60,6 @@ def main(argv=None):
               f"{sum(x['loss'] for x in h) / len(h):.4f}", flush=True)
     if args.command == "teachers":
         return 0
-    from .attention_stats import attention_stats, synthetic_teachers
-    from .features import frechet_distance, train_classifier
-    from .report import write_family, write_summary
     from .study import QUICK as QUICK_STUDY, StudySettings, block_speedups, design, run_family
     settings = QUICK_STUDY if args.quick else StudySettings()
     classifier = train_classifier(data, work, quick=args.quick)

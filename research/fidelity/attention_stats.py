@@ -23,8 +23,10 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from edit_core.bank import EDiTError
+from edit_core.attention.layers import split_heads
+from edit_core.bank import EDiTError, init_bank
 from edit_core.comfyui.env import add_comfyui_flag, setup_comfy
+from edit_core.distill.teacher_data import ImageJob
 
 STATS = ("entropy", "local_mass")
 
@@ -76,11 +78,8 @@ def attention_stats(model, positive, negative, resolution: Tuple[int, int], seed
     over image queries and image keys (SD3 joint layers: the image-image part, softmax restricted
     to image keys), averaged over every call of a ``steps``-step Euler sampling run of one
     ``resolution`` (width, height in pixels) image, per EDiT-convertible layer."""
-    from edit_core.bank import init_bank
     from edit_core.comfyui.model import diffusion_model, model_spec
-    from edit_core.distill.teacher_data import ImageJob
     from edit_core.distill.trajectories import teacher_sample
-    from edit_core.attention.layers import split_heads
     from edit_core.comfyui.patcher import apply_edit, layer_inputs
 
     spec = model_spec(model)

@@ -29,6 +29,7 @@ from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
+from PIL import Image  # ComfyUI's own dependency
 
 from edit_core.util.safetensors_io import atomic_write
 
@@ -106,8 +107,6 @@ def is_held_out(name: str) -> bool:
 
 def load(tarball: Optional[Path] = None) -> EmojiSet:
     """Every base emoji (no skin-tone variants) that has a Twemoji image, in catalogue order."""
-    from PIL import Image  # ComfyUI's own dependency
-
     path = Path(tarball) if tarball else tarball_path()
     data = path.read_bytes()
     if integrity_of(data) != INTEGRITY:

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
 
 from edit_core.errors import EDiTError
 from edit_core.distill.config import fingerprint
@@ -168,7 +169,6 @@ def train(data: emoji.EmojiSet, settings: ClassifierSettings = DEFAULT, progress
     history = []
     bar = None
     if progress:
-        from tqdm import tqdm
         bar = tqdm(total=total, desc="emoji classifier", unit="step", file=sys.stderr)
     t0, cpu0 = time.perf_counter(), time.process_time()
     with _one_thread():

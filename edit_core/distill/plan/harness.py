@@ -9,6 +9,7 @@ from functools import lru_cache
 from typing import Dict, Optional, Tuple
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ...bank import BankConfig, EDiTBank, new_bank_config
 from ...errors import EDiTError
@@ -56,7 +57,6 @@ class PlanModel:
 
     def __init__(self, model_config, bank_config: Optional[BankConfig], dtype, fake: bool = True, seed: int = 0,
                  device="cpu"):
-        from torch._subclasses.fake_tensor import FakeTensorMode
         from ...comfyui.model import model_spec
         from ...comfyui.architectures import build_patcher
         from ...fixtures.tiny_models import randomize_

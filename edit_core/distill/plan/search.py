@@ -4,10 +4,13 @@ the teacher data's size, the settings that would fit when the requested ones do 
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import psutil
 import torch
 
 from ...bank import BankConfig
 from ...errors import EDiTError
+from ..config import DistillConfig
+from ..teacher_data import image_bytes, teacher_data_bytes
 from .harness import GiB, MiB, Measured, PlanModel, arch_key, bank_key, fake_model, gib, measure, px
 
 STEP_MODES = ("layerwise", "e2e")
@@ -118,8 +121,6 @@ def targets(model: PlanModel, prompts: int, seeds: int) -> List[Tuple[str, str, 
         out.append((f"{'layer-wise' if mode == 'layerwise' else 'end-to-end'} step <= {limit:g} GiB @{res} px",
                     f"{gib(peak)} GiB", peak <= limit * GiB))
     per_image = teacher_data_estimate(model, [(1024, 1024)], prompts, seeds)["per_image"]
-    from ..teacher_data import image_bytes
-    from ..config import DistillConfig
     shard = image_bytes(model.trainer.model.latent_format.latent_channels, (1024, 1024), DistillConfig().sample_steps)
     out.append(("teacher data <= 2 MiB per image @1024 px: the image's own file", f"{shard / MiB:.3f} MiB ({shard} B)",
                 shard <= TEACHER_DATA_TARGET))
@@ -137,8 +138,6 @@ def teacher_data_estimate(model: PlanModel, resolutions: Sequence[Tuple[int, int
     conditioning, float32."""
     from ...comfyui.model import conditioning_dims
     from ...comfyui.architectures import PROMPT_TOKENS
-    from ..teacher_data import teacher_data_bytes
-    from ..config import DistillConfig
     channels = model.trainer.model.latent_format.latent_channels
     context_dim, pooled_dim = conditioning_dims(model.trainer)
     tokens = prompt_tokens or PROMPT_TOKENS[model.spec.family]
@@ -159,7 +158,6 @@ def device_budget(device, reserve: int, device_memory: Optional[int] = None) -> 
         usable = free + torch.cuda.memory_reserved(device)  # ComfyUI can unload what this process holds
         return usable - reserve, (f"{device}: {gib(usable)} GiB free to this process (of {gib(total)} GiB), "
                                   f"{gib(reserve)} GiB kept for fragmentation: budget {gib(usable - reserve)} GiB"), True
-    import psutil
     available = psutil.virtual_memory().available
     return available, (f"{device}: {gib(available)} GiB RAM available; on a CPU the run is not refused "
                        "(the OS can swap), the table says what it will use"), False
