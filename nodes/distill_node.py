@@ -10,6 +10,7 @@ from ..edit_core.errors import EDiTError
 from ..edit_core.distill.config import SETTINGS, DistillConfig
 from ..edit_core.distill.report import loss_curve, report_text
 from ..edit_core.distill.train import distill
+from ..edit_core.util.cli import prompt_lines
 from ..edit_core.util.plots import to_comfy_image
 from ..edit_core.util.settings import values_from, widgets
 from .bank_nodes import BANK
@@ -67,7 +68,7 @@ class EDiTDistill:
         for name in ("cfg", "learning_rate"):
             if not math.isfinite(settings[name]):
                 raise EDiTError(f"EDiT Distill: {name} must be a finite number, got {settings[name]}")
-        lines = [p.strip() for p in prompts.splitlines() if p.strip()]
+        lines = prompt_lines(prompts)
         pos = _conditionings(clip, positive, lines, "prompts")
         neg = _conditionings(clip, negative, [negative_prompt], "negative prompt")[0]
         if not pos:

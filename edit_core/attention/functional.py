@@ -69,7 +69,7 @@ def mix_image_rows(out: torch.Tensor, q_lin: torch.Tensor, state: torch.Tensor, 
     because 1 - eta from an eta near 1 (0.995 at 65536 image and 333 prompt tokens) loses
     most of its bits."""
     batches = q_lin.shape[0]
-    weights = zip(*(_per_batch(w, batches) for w in (eta, rest, local_weight)))
+    weights = zip(*(_per_batch(w, batches) for w in (eta, rest, local_weight)), strict=True)
     for i, (eta_i, rest_i, local_weight_i) in enumerate(weights):
         numerator, denominator = read_out(q_lin[i], state[i])
         mix = numerator.mul_(eta_i / denominator)

@@ -4,6 +4,7 @@ from typing import Dict, Mapping
 
 from ..util.settings import Setting, values_from
 from . import DEFAULT_DESIGN, ORIGINAL_HPARAMS, MAX_QKV_RANK, EDiTError, default_hparam, hparam_problem
+from .design import CF_INPUTS, ETA_MODES, LOCAL_PLACEMENTS, MAX_KERNEL, MAX_REDUCTION
 
 # The help groups of the command line's flags.
 MODEL, DESIGN = "model", "student design"
@@ -17,32 +18,32 @@ ORIGINAL_DESIGN_FLAGS = " ".join(f"--{key.replace('_', '-')} {ORIGINAL_HPARAMS[k
 
 SETTINGS = (
     Setting("reduction", default_hparam("reduction"), "ConvFusion reduction r of an untrained bank", int, cli=MODEL,
-            node={"min": 1, "max": 1024, "tooltip": "ConvFusion channel reduction r (hidden channels = width / r). "
-                  "32 keeps the branch under 4% of a block's dense compute."}),
-    Setting("eta_mode", default_hparam("eta_mode"), "eta of an untrained bank", choices=("learned", "ratio"),
+            node={"min": 1, "max": MAX_REDUCTION, "tooltip": "ConvFusion channel reduction r (hidden channels = "
+                  "width / r). 32 keeps the branch under 4% of a block's dense compute."}),
+    Setting("eta_mode", default_hparam("eta_mode"), "eta of an untrained bank", choices=ETA_MODES,
             cli=MODEL, node={"tooltip": "Hybrid attention mix: token ratio N/(N+M), with a learned per-head offset "
                              "('learned') or fixed ('ratio')."}),
     Setting("cf_kernel", default_hparam("cf_kernel"), "ConvFusion kernel size (odd); 0: no ConvFusion", int,
-            cli=DESIGN, node={"min": 0, "max": 15, "tooltip": "ConvFusion kernel size (odd); 0: no ConvFusion "
+            cli=DESIGN, node={"min": 0, "max": MAX_KERNEL, "tooltip": "ConvFusion kernel size (odd); 0: no ConvFusion "
                               "(q~ = ReLU(q))."}),
     Setting("sc_kernel", default_hparam("sc_kernel"), "k/v compressor kernel size (odd)", int, cli=DESIGN,
-            node={"min": 1, "max": 15, "tooltip": "k/v compressor kernel size (odd)." + DESIGN_NOTE}),
+            node={"min": 1, "max": MAX_KERNEL, "tooltip": "k/v compressor kernel size (odd)." + DESIGN_NOTE}),
     Setting("sc_stride", default_hparam("sc_stride"), "k/v compressor stride; 1 with --sc-kernel 1: no compression",
             int, choices=(1, 2), cli=DESIGN,
             node={"choices": None, "min": 1, "max": 2, "tooltip": "k/v compressor stride: 2 (4x fewer keys) or 1; "
                   "1 with sc_kernel 1: no compression." + DESIGN_NOTE}),
     Setting("local_kernel", default_hparam("local_kernel"), "local value branch kernel size (odd); 0: none", int,
-            cli=DESIGN, node={"min": 0, "max": 15, "tooltip": "Local value branch kernel size (odd); 0: no local "
-                              "branch."}),
+            cli=DESIGN, node={"min": 0, "max": MAX_KERNEL, "tooltip": "Local value branch kernel size (odd); 0: no "
+                              "local branch."}),
     Setting("local_placement", default_hparam("local_placement"),
             "SD3: the local branch inside the eta-weighted term or added outside it (PixArt: the same)",
-            choices=("inside", "outside"), cli=DESIGN,
+            choices=LOCAL_PLACEMENTS, cli=DESIGN,
             node={"tooltip": "SD3: the local branch inside the eta-weighted term (its strength changes with "
                   "resolution) or added outside it. PixArt has no eta: both are the same."}),
     Setting("cf_input", FAMILY_DEFAULT,
             "what ConvFusion reads on SD3: the block's residual stream or the modulated attention input; default: "
             "residual on SD3, modulated on PixArt (its only choice)",
-            choices=(FAMILY_DEFAULT, "residual", "modulated"), cli=DESIGN,
+            choices=(FAMILY_DEFAULT, *CF_INPUTS), cli=DESIGN,
             node={"tooltip": "What ConvFusion reads on SD3: the block's residual stream or the modulated attention "
                   "input. default: residual on SD3, modulated on PixArt (its only choice)."}),
     Setting("qkv_rank", default_hparam("qkv_rank"),

@@ -104,5 +104,6 @@ def block_keys(dm: PixArtMS):
     return [f"diffusion_model.blocks.{i}.forward" for i in range(len(dm.blocks))]
 
 
-ADAPTER = FamilyAdapter("pixart", PixArtMS, PixArtAttentionPatch, model_spec, conditioning_dims, token_grid,
-                        layer_patches, layer_inputs, block_keys)
+ADAPTER = FamilyAdapter(name="pixart", model_class=PixArtMS, patch_type=PixArtAttentionPatch, model_spec=model_spec,
+                        conditioning_dims=conditioning_dims, token_grid=token_grid, layer_patches=layer_patches,
+                        layer_inputs=layer_inputs, block_keys=block_keys)

@@ -186,5 +186,6 @@ def block_keys(dm: MMDiT):
     return [f"diffusion_model.joint_blocks.{i}.forward" for i in range(len(dm.joint_blocks))]
 
 
-ADAPTER = FamilyAdapter("sd3", MMDiT, SD3BlockPatch, model_spec, conditioning_dims, token_grid, layer_patches,
-                        layer_inputs, block_keys)
+ADAPTER = FamilyAdapter(name="sd3", model_class=MMDiT, patch_type=SD3BlockPatch, model_spec=model_spec,
+                        conditioning_dims=conditioning_dims, token_grid=token_grid, layer_patches=layer_patches,
+                        layer_inputs=layer_inputs, block_keys=block_keys)

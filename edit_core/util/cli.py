@@ -55,6 +55,11 @@ def read_prompt_file(path: str, error: Type[Exception] = ValueError) -> List[str
         raise error(f"--prompts {path}: no such file; give a text file with one prompt per line") from None
     except (OSError, UnicodeDecodeError) as e:
         raise error(f"--prompts {path}: cannot read it as UTF-8 text ({e})") from None
+    return prompt_lines(text)
+
+
+def prompt_lines(text: str) -> List[str]:
+    """One prompt per non-empty line, stripped."""
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 

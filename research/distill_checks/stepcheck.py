@@ -23,6 +23,7 @@ import torch
 
 from edit_core.comfyui.env import add_comfyui_flag, setup_comfy
 from edit_core.distill.plan import PlanModel, gib, measure
+from edit_core.util.cli import size_of
 
 MODES = ("layerwise", "e2e")
 SMOKE_MODELS = ("sd35-medium-2blocks", "pixart-sigma-2blocks")
@@ -153,8 +154,7 @@ def main(argv=None):
     add_comfyui_flag(p)
     args = p.parse_args(argv)
     setup_comfy(args.comfyui)
-    w, _, h = args.resolution.lower().partition("x")
-    resolution = (int(w), int(h or w))
+    resolution = size_of(args.resolution)
     device = torch.device(args.device)
     run(args.models, resolution, device, torch.bfloat16, max(1, args.repeats), Path(args.out),
         f"Training steps at {args.resolution} px on {device}: real run beside the plan")

@@ -4,7 +4,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,8 +23,8 @@ from edit_core.distill.report import layer_error_chart, report_text
 from edit_core.distill.train import DistillResult, check_work_dir, distill, teacher_fingerprint
 from edit_core.bank import init_bank
 from edit_core.comfyui.model import model_spec
+from helpers import COMFYUI_DIR, REPO
 
-REPO = Path(__file__).resolve().parents[2]
 SMALL = dict(resolutions=((128, 128),), seeds=(0,), sample_steps=2, cfg=3.0, train_steps=4, batch_size=2,
              checkpoint_every=2)
 
@@ -167,7 +166,7 @@ def test_list_options_take_spaces_and_commas():
 
 
 def run_cli(*args, timeout=120):
-    env = dict(os.environ, EDIT_COMFYUI_DIR=os.environ.get("EDIT_COMFYUI_DIR", str(REPO / ".host" / "ComfyUI")))
+    env = dict(os.environ, EDIT_COMFYUI_DIR=str(COMFYUI_DIR))
     return subprocess.run([sys.executable, "-m", "edit_core.distill", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
 

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from statistics import mean
 
 import comfy.sample
@@ -31,9 +30,8 @@ from edit_core.attention.layers import merge_heads, split_heads
 from edit_core.comfyui.patcher import TEACHER, apply_edit, call_model, layer_inputs
 from edit_core.attention.reference import softmax_attention_ref
 from safetensors import safe_open
-from helpers import rel_err
+from helpers import COMFYUI_DIR, REPO, rel_err
 
-REPO = Path(__file__).resolve().parents[2]
 
 TEACHERS = {
     "sd3": (lambda: tiny_models.sd3_patcher(seed=1, attention_gain=4.0, local_attention=True), (256, 256)),
@@ -150,7 +148,7 @@ def cli(tmp_path, *extra, output="bank.safetensors", work=None, env_extra=None, 
     args = ["--model", str(model_file), "--prompts", str(tmp_path / "prompts.txt"), "--random-conditioning", "24",
             "--output", str(tmp_path / output), "--resolutions", "256", "--seeds", "0,1", "--sample-steps", "4",
             "--cfg", "3", "--batch-size", "4", "--lr", "1e-2", "--work-dir", str(work or tmp_path / "work"), *extra]
-    env = dict(os.environ, EDIT_COMFYUI_DIR=os.environ.get("EDIT_COMFYUI_DIR", str(REPO / ".host" / "ComfyUI")),
+    env = dict(os.environ, EDIT_COMFYUI_DIR=str(COMFYUI_DIR),
                **(env_extra or {}))
     head = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)] if nproc else [sys.executable]
     cmd = head + ["-m", "edit_core.distill"] + args
@@ -230,7 +228,7 @@ def test_benchmark_script_writes_its_table_and_images(tmp_path):
     done = subprocess.run([sys.executable, "-m", "research.distill_checks.benchmark", "--out", str(tmp_path), "--families",
                            "sd3", "--modes", "layerwise", "--train-steps", "4", "--prompts", "2"],
                           cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, EDIT_COMFYUI_DIR=os.environ.get("EDIT_COMFYUI_DIR", str(REPO / ".host" / "ComfyUI"))))
+                          env=dict(os.environ, EDIT_COMFYUI_DIR=str(COMFYUI_DIR)))
     assert done.returncode == 0, done.stdout + done.stderr
     table = (tmp_path / "distill.md").read_text()
     assert "| sd3 | layerwise | 4 |" in table

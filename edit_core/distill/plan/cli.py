@@ -15,20 +15,19 @@ from .search import device_budget, make_plan, plan_json
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m edit_core.distill.plan", description=PLAN_DOC, allow_abbrev=False,
                                 formatter_class=lambda prog: HelpFormatter(prog, width=100))
-    h = " (default: %(default)s)"
     p.add_argument("--model", default="sd35-medium",
-                   help="sd35-medium, pixart-sigma, or a checkpoint file (only its header is read)" + h)
+                   help="sd35-medium, pixart-sigma, or a checkpoint file (only its header is read)")
     p.add_argument("--resolutions", nargs="+", type=comma_list(int), default=[[512, 1024, 2048]],
-                   help="square training resolutions in px, e.g. 512 1024 2048 or 512,1024" + h)
+                   help="square training resolutions in px, e.g. 512 1024 2048 or 512,1024")
     p.add_argument("--batch-size", type=int, default=1,
-                   help="examples per training step (they run one after another: memory hardly changes)" + h)
+                   help="examples per training step (they run one after another: memory hardly changes)")
     # The distillation's own --mode and --layers-per-step; the others differ here: a plan looks at
     # one example at a time by default, several resolutions, and counts of prompts and seeds.
     add_flags({DATA: p, TRAINING: p}, [s for s in SETTINGS if s.name in ("mode", "layers_per_step")])
-    p.add_argument("--device-memory", default="24GiB", help="memory of the GPU to plan for" + h)
-    p.add_argument("--reserve", default="1GiB", help="kept free for the CUDA context and fragmentation" + h)
-    p.add_argument("--prompts", type=int, default=4, help="prompts, for the teacher-data size" + h)
-    p.add_argument("--seeds", type=int, default=2, help="seeds per prompt, for the teacher-data size" + h)
+    p.add_argument("--device-memory", default="24GiB", help="memory of the GPU to plan for")
+    p.add_argument("--reserve", default="1GiB", help="kept free for the CUDA context and fragmentation")
+    p.add_argument("--prompts", type=int, default=4, help="prompts, for the teacher-data size")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per prompt, for the teacher-data size")
     p.add_argument("--json", help="also write the plan as JSON to this file")
     add_comfyui_flag(p)
     return p
