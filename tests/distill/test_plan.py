@@ -1,6 +1,9 @@
-"""Memory known before a distillation starts: the tensor-memory counter on real and fake
-tensors, the fake-tensor measurement of ComfyUI's own model classes against a real run, the
-plan table and check_fits's refusal, the real architectures' sizes."""
+"""Memory and operations known before a distillation starts: the tensor-memory counter on
+real and fake tensors, the fake-tensor measurement of ComfyUI's own model classes against a
+real run, operations counted and turned into time, the plan table and check_fits's refusal,
+the real architectures' sizes."""
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -74,6 +77,52 @@ def test_fake_measurement_equals_the_real_runs_counted_peak(unet_config):
         assert f.resident == r.resident
 
 
+def test_counted_operations_agree_fake_and_real_and_with_the_linear_layers_by_hand():
+    """The teacher pass's operations, counted on fake tensors, equal the count of a real run,
+    and are the linear layers' 2 x in x out per token (counted here by hooks) plus attention
+    and the patch embedding, which are a small remainder at this size."""
+    config = model_config_from_unet_config(TINY_SD3, "tiny")
+    fake, real = (P.PlanModel(config, None, torch.bfloat16, fake=f) for f in (True, False))
+    for what in ("teacher", "layerwise", "e2e"):
+        f, r = (P.measure(m, what, 1, (320, 256)) for m in (fake, real))
+        assert f.flops == r.flops > 0, what
+    by_hand = []
+
+    def linear(module, args, out):
+        by_hand.append(2 * args[0].numel() // module.in_features * module.in_features * module.out_features)
+    hooks = [m.register_forward_hook(linear) for m in real.trainer.model.diffusion_model.modules()
+             if isinstance(m, torch.nn.Linear)]
+    try:
+        real.teacher_pass((320, 256))
+    finally:
+        for h in hooks:
+            h.remove()
+    teacher = P.measure(real, "teacher", 1, (320, 256)).flops
+    linear_flops = sum(by_hand) / 2  # the harness runs the pass twice: bytes, then operations
+    assert linear_flops <= teacher <= 1.5 * linear_flops
+    # A training step (one example, where the teacher pass has CFG's two rows) runs the teacher's
+    # forward and the student's forward and backward: layer by layer, or the whole model.
+    assert teacher / 2 < P.measure(real, "layerwise", 1, (320, 256)).flops < P.measure(real, "e2e", 1, (320, 256)).flops
+
+
+def test_run_cost_adds_every_image_and_phase_and_the_table_says_the_time():
+    config = model_config_from_unet_config(TINY_SD3, "tiny")
+    run = DistillConfig(resolutions=((256, 256), (384, 384)), seeds=(0, 1), mode="layerwise+e2e", train_steps=10,
+                        sample_steps=3)
+    plan = P.make_plan(config, "tiny", run.resolutions, run.mode, 1, P.device_budget("cuda", P.GiB, 24 * P.GiB),
+                       prompts=4, seeds=2, distill_config=run)
+    model = P.fake_model(arch_key(config), "", "bfloat16")
+    teacher = {r: P.measure(model, "teacher", 1, r).flops for r in run.resolutions}
+    assert plan.cost["teacher_flops"] == 8 * 3 * (teacher[(256, 256)] + teacher[(384, 384)])
+    assert plan.cost["train_flops"] == sum(p.steps * P.measure(model, p.mode, run.batch_size, p.resolution).flops
+                                           for p in run.phases())
+    assert [p.steps for p in run.phases()] == [2, 3, 2, 3]
+    seconds = plan.throughput.seconds(plan.cost["teacher_flops"] + plan.cost["train_flops"])
+    assert seconds == (plan.cost["teacher_flops"] + plan.cost["train_flops"]) / (165e12 * 0.35)
+    table = plan.table()
+    assert "time on the assumed card, 165 TFLOPS bf16 x 35% utilisation" in table and "- in all: " in table
+
+
 def test_a_batch_runs_example_by_example_and_e2e_holds_more_than_layerwise():
     model = P.fake_model(arch_key(model_config_from_unet_config(TINY_SD3, "tiny")), "", "bfloat16")
     one, two = (P.measure(model, "e2e", b, (256, 256)) for b in (1, 2))
@@ -145,7 +194,11 @@ def test_cli_prints_the_table_and_targets_for_a_checkpoint_file(tmp_path, capsys
     out = capsys.readouterr().out
     assert code == 0 and "| 128 px | layerwise | 1 |" in out and "| 256 px | layerwise | 1 |" in out
     assert "layer-wise step <= 16 GiB @1024 px" in out and "PASS" in out and "teacher data <= 2 MiB" in out
-    assert (tmp_path / "plan.json").is_file()
+    assert "time on the assumed card" in out and "- training: 500 steps" in out
+    saved = json.loads((tmp_path / "plan.json").read_text())
+    assert saved["cost"]["train_steps"] == 500 and saved["rows"][0]["step_flops"] > 0
+    with pytest.raises(EDiTError, match="--utilisation in"):
+        plan_cli.main(["--model", str(path), "--resolutions", "128", "--utilisation", "0"])
 
 
 def test_cli_options():

@@ -1,6 +1,7 @@
 """The plan: rows of measured peaks per resolution and mode against the device's budget,
-the teacher data's size, the settings that would fit when the requested ones do not, and
-``check_fits``, what the node and the distill CLI call before any work."""
+the teacher data's size, the operations the whole run takes and the time they mean on an
+assumed card, the settings that would fit when the requested ones do not, and ``check_fits``,
+what the node and the distill CLI call before any work."""
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -18,6 +19,25 @@ STEP_MODES = ("layerwise", "e2e")
 STEP_TARGETS = {("layerwise", 1024): 16.0, ("layerwise", 2048): 22.0, ("e2e", 1024): 20.0}
 TEACHER_DATA_TARGET = 2 * MiB  # per image at 1024 px
 FALLBACK_RESOLUTIONS = (1536, 1024, 768, 512)
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """The device speed that turns counted operations into time: assumed, not measured."""
+    tflops: float = 165.0      # RTX 4090 (24 GB): bf16 tensor cores, dense, fp32 accumulation
+    utilisation: float = 0.35  # share of that a distillation step reaches: an assumption
+
+    def seconds(self, flops: float) -> float:
+        return flops / (self.tflops * 1e12 * self.utilisation)
+
+    def describe(self) -> str:
+        return (f"{self.tflops:g} TFLOPS bf16 x {self.utilisation:.0%} utilisation = "
+                f"{self.tflops * self.utilisation:.0f} TFLOPS (assumed, not measured)")
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else \
+        f"{seconds / 3600:.1f} h"
 
 
 @dataclass(frozen=True)
@@ -44,6 +64,8 @@ class Plan:
     suggestions: List[str] = field(default_factory=list)
     targets: List[Tuple[str, str, Optional[bool]]] = field(default_factory=list)  # (what, measured, passed or None: information)
     refuse: bool = True             # False where the device's memory is not a hard limit (CPU)
+    throughput: Throughput = Throughput()
+    cost: Optional[Dict] = None     # run_cost(): operations of the teacher data and the training
 
     @property
     def fits(self) -> bool:
@@ -55,12 +77,21 @@ class Plan:
             td = self.teacher_data
             lines.append(f"teacher data on disk: {td['bytes'] / MiB:.1f} MiB for {td['images']} images "
                          f"({td['per_image'] / MiB:.2f} MiB per image)")
-        lines += ["", "| resolution | mode | batch | teacher pass (GiB) | training step (GiB) | fits |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "| resolution | mode | batch | teacher pass (GiB) | training step (GiB) | fits "
+                  "| training step (TFLOP) | step time on the assumed card |", "|---|---|---|---|---|---|---|---|"]
         for r in self.rows:
             mode = f"{r.mode} ({r.layers_per_step} layers)" if r.layers_per_step else r.mode
             lines.append(f"| {px(r.resolution)} | {mode} | {r.batch} | {gib(r.teacher.peak)} | {gib(r.step.peak)} | "
-                         f"{'yes' if r.fits(self.budget) else 'NO'} |")
+                         f"{'yes' if r.fits(self.budget) else 'NO'} | {r.step.flops / 1e12:.1f} | "
+                         f"{self.throughput.seconds(r.step.flops):.2f} s |")
+        if self.cost:
+            c, t = self.cost, self.throughput
+            lines += ["", f"time on the assumed card, {t.describe()}:",
+                      f"- teacher data: {c['images']} images x {c['sample_steps']} sampler calls, "
+                      f"{c['teacher_flops'] / 1e15:.2f} PFLOP: {duration(t.seconds(c['teacher_flops']))}",
+                      f"- training: {c['train_steps']} steps, {c['train_flops'] / 1e15:.2f} PFLOP: "
+                      f"{duration(t.seconds(c['train_flops']))}",
+                      f"- in all: {duration(t.seconds(c['teacher_flops'] + c['train_flops']))}"]
         if self.targets:
             lines += ["", "targets (bf16, batch 1):"]
             lines += [f"- {what}: {measured} {'(for information)' if ok is None else 'PASS' if ok else 'FAIL'}"
@@ -68,6 +99,19 @@ class Plan:
         if self.suggestions:
             lines += ["", "settings that would fit:"] + [f"- {s}" for s in self.suggestions]
         return "\n".join(lines)
+
+
+def run_cost(model: PlanModel, config: DistillConfig, n_prompts: int) -> Dict:
+    """Operations of a whole distillation with ``config``: every teacher image's sampler calls
+    (CFG's two rows in one call) and every phase's training steps, as counted on the
+    full-size model."""
+    images = n_prompts * len(config.seeds)
+    teacher = sum(images * config.sample_steps * measure(model, "teacher", 1, tuple(r)).flops
+                  for r in config.resolutions)
+    train = sum(p.steps * measure(model, p.mode, config.batch_size, p.resolution, config.layers_per_step).flops
+                for p in config.phases())
+    return {"images": images * len(config.resolutions), "sample_steps": config.sample_steps,
+            "train_steps": config.train_steps, "teacher_flops": teacher, "train_flops": train}
 
 
 def row(model: PlanModel, resolution: Tuple[int, int], mode: str, batch: int, layers_per_step: int = 0) -> Row:
@@ -165,14 +209,18 @@ def device_budget(device, reserve: int, device_memory: Optional[int] = None) -> 
 
 def make_plan(model_config, name: str, resolutions: Sequence[Tuple[int, int]], mode: str, batch: int, budget_line,
               bank_config: Optional[BankConfig] = None, dtype=torch.bfloat16, prompts: int = 0, seeds: int = 0,
-              layers_per_step: int = 0, with_targets: bool = False, distill_config=None) -> Plan:
+              layers_per_step: int = 0, with_targets: bool = False, distill_config=None,
+              throughput: Throughput = Throughput()) -> Plan:
+    """``distill_config`` (with ``prompts``): also what the whole run costs (run_cost)."""
     model = fake_model(arch_key(model_config), bank_key(bank_config), str(dtype).replace("torch.", ""))
     budget, note, refuse = budget_line
     resolutions = sorted(set(map(tuple, resolutions)), key=lambda r: (r[0] * r[1], r))
     rows = [row(model, r, m, batch, layers_per_step) for r in resolutions for m in modes_of(mode)]
-    plan = Plan(name, model.describe(), budget, note, rows, refuse=refuse)
+    plan = Plan(name, model.describe(), budget, note, rows, refuse=refuse, throughput=throughput)
     if prompts and seeds:
         plan.teacher_data = teacher_data_estimate(model, resolutions, prompts, seeds, distill_config)
+    if prompts and distill_config is not None:
+        plan.cost = run_cost(model, distill_config, prompts)
     plan.suggestions = suggestions(model, resolutions, mode, batch, budget, layers_per_step)
     if with_targets:
         plan.targets = targets(model, max(prompts, 1), max(seeds, 1))
@@ -198,9 +246,11 @@ def check_fits(model_patcher, config, bank_config: Optional[BankConfig], device,
 
 def plan_json(plan: Plan) -> Dict:
     return {"model": plan.model, "description": plan.description, "budget_bytes": plan.budget, "fits": plan.fits,
-            "teacher_data": plan.teacher_data, "suggestions": plan.suggestions,
+            "teacher_data": plan.teacher_data, "suggestions": plan.suggestions, "cost": plan.cost,
+            "throughput": {"tflops": plan.throughput.tflops, "utilisation": plan.throughput.utilisation},
             "targets": [{"target": w, "measured": m, "pass": ok} for w, m, ok in plan.targets],
             "rows": [{"resolution": list(r.resolution), "mode": r.mode, "batch": r.batch,
                       "teacher_peak_bytes": r.teacher.peak, "step_peak_bytes": r.step.peak,
                       "step_resident_bytes": r.step.resident, "step_counted_bytes": r.step.counted,
+                      "teacher_pass_flops": r.teacher.flops, "step_flops": r.step.flops,
                       "fits": r.fits(plan.budget)} for r in plan.rows]}
