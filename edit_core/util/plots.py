@@ -48,7 +48,7 @@ def _ticks(lo: float, hi: float, log: bool) -> List[float]:
         step = max(1, math.ceil((hi_e - lo_e) / 8))
         return [10.0 ** e for e in range(lo_e, hi_e + 1, step)]
     step = 10 ** (math.floor(math.log10(max(hi - lo, 1e-12))) - 1)
-    for m in (1, 2, 5, 10):
+    for m in (1, 2, 5, 10, 20, 50):  # 7,000 steps: 2,000 apart, not 100
         if (hi - lo) / (step * m) <= 6:
             step *= m
             break

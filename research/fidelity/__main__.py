@@ -1,7 +1,9 @@
 """python -m research.fidelity: the fidelity study on teachers trained here on real images.
 
-  teachers   train (or load from --work) the SD3 and PixArt emoji teachers (~15 min each,
-             side by side on a 2-core CPU; cached by fingerprint)
+  teachers   train (or load: shipped in research/fidelity/teachers, or cached in --work)
+             the SD3 and PixArt emoji teachers, then check that they draw: the classifier's
+             accuracy on their samples of held-out captions against real images; writes
+             teachers.json, <family>_teacher_64px.png and teacher_loss.png to --out
   study      teachers, then every student design (ablation) distilled and measured on
              held-out captions and seeds at two resolutions; writes study.md, study.json
              and PNGs to --out
@@ -33,6 +35,11 @@ def main(argv=None):
                    "(default: results/fidelity/work)")
     p.add_argument("--out", default="results/fidelity", help="report folder (default: results/fidelity)")
     p.add_argument("--quick", action="store_true", help="the tests' small setting (seconds, not minutes)")
+    p.add_argument("--retrain", action="store_true", help="train the teachers in --work even where the pack ships "
+                   "them (research/fidelity/teachers): reproduces a shipped teacher; compare the printed digest "
+                   "with teachers.json there")
+    p.add_argument("--ship", action="store_true", help="copy the teachers into research/fidelity/teachers and record "
+                   "them in its teachers.json (for the pack's maintainers)")
     p.add_argument("--speed-px", type=int, default=2048, help="also time each design's EDiT block at the family's "
                    "real width at this size (research.bench's block level); 0 = skip (default: 2048)")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default (default: 0)")
@@ -43,7 +50,7 @@ def main(argv=None):
     setup_comfy(args.comfyui)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from .teacher import FULL, QUICK, train_teacher
+    from .teacher import FULL, QUICK, ship, train_teacher
 
     work, out = Path(args.work), Path(args.out)
     data = emoji.load()
@@ -54,13 +61,27 @@ def main(argv=None):
             def on_step(step, total, loss):
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            teachers[family] = train_teacher(config, data, work, on_step)
-        h = teachers[family].history[-20:]
-        print(f"{family}: teacher trained in {teachers[family].seconds:.0f} s, final loss "
-              f"{sum(x['loss'] for x in h) / len(h):.4f}", flush=True)
+            teachers[family] = train_teacher(config, data, work, on_step, retrain=args.retrain)
+        t = teachers[family]
+        h = t.history[-20:]
+        print(f"{family}: teacher {t.file} (weights sha256 {t.digest}), trained in {t.seconds:.0f} s, "
+              f"final loss {sum(x['loss'] for x in h) / len(h):.4f}", flush=True)
+        if args.ship:
+            print(f"{family}: shipped as {ship(t)}", flush=True)
     if args.command == "teachers":
+        from .teacher_check import QUICK as QUICK_CHECK, CheckSettings, check_grid, check_teacher, summary_line, write_checks
+        check = QUICK_CHECK if args.quick else CheckSettings()
+        classifier = train_classifier(data, work, quick=args.quick)
+        results, grids = {}, {}
+        for family, teacher in teachers.items():
+            t0 = time.perf_counter()
+            results[family] = check_teacher(teacher, data, classifier, check, limit=4 if args.quick else 0)
+            grids[family] = check_grid(teacher, results[family], check)
+            print(summary_line(results[family]) + f"; {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"wrote {write_checks(Path(args.out), teachers, results, grids)}")
         return 0
-    from .study import QUICK as QUICK_STUDY, StudySettings, block_speedups, design, run_family
+    from .study import (ABLATIONS, DEFAULT_ABLATION, QUICK as QUICK_STUDY, StudySettings, block_speedups, design,
+                        run_family)
     settings = QUICK_STUDY if args.quick else StudySettings()
     classifier = train_classifier(data, work, quick=args.quick)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,11 +94,13 @@ def main(argv=None):
                                                           negative, teacher.resolution(top), steps=2 if args.quick else 4,
                                                           cfg=settings.cfg),
                      f"synthetic {family}": synthetic[family]}
-        records = run_family(teacher, data, classifier, frechet_distance, settings, ablations, work)
         speed = None
-        if args.speed_px:
-            designs = {n: design(n) for n in records["ablations"]}
-            speed = block_speedups(family, designs, px=args.speed_px, repeats=1 if args.quick else 2)
+        if args.speed_px:  # first: the equal-speed baselines run at the default design's speed-up
+            names = [n for n in ablations if family in ABLATIONS[n][2]] + [DEFAULT_ABLATION]
+            speed = block_speedups(family, {n: design(n) for n in dict.fromkeys(names)}, px=args.speed_px,
+                                   repeats=1 if args.quick else 2)
+        records = run_family(teacher, data, classifier, frechet_distance, settings, ablations, work,
+                             speedup=(speed or {}).get(DEFAULT_ABLATION, 0.0))
         print(f"{family}: study done in {time.perf_counter() - t0:.0f} s; wrote "
               f"{write_family(out, family, teacher, records, speed, attention, args.speed_px)}", flush=True)
     print(f"wrote {write_summary(out)}")

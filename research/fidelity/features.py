@@ -16,6 +16,7 @@ held-out accuracy, training time), keyed by a fingerprint of the settings and th
 import argparse
 import json
 import math
+import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -32,9 +33,10 @@ from tqdm import tqdm
 from edit_core.errors import EDiTError
 from edit_core.distill.config import fingerprint
 from edit_core.util.safetensors_io import atomic_write, complete, save_safetensors
-from . import emoji
+from . import emoji, shipped
 
 FORMAT = "edit-emoji-classifier-1"
+SHIPPED_KEY = "classifier"
 
 
 @dataclass(frozen=True)
@@ -219,9 +221,10 @@ def save(classifier: Classifier, folder: Path) -> Path:
     return weights
 
 
-def load(folder: Path, settings: ClassifierSettings, source: str) -> Optional[Classifier]:
+def load(folder: Path, settings: ClassifierSettings, source: str, shipped_key: str = "") -> Optional[Classifier]:
     """The cached classifier for these settings and data source, or None when there is none;
-    EDiTError for a cached file that is damaged or is not what its name says."""
+    EDiTError for a cached file that is damaged or is not what its name says (or, with
+    ``shipped_key``, whose weights are not the ones the shipped manifest records)."""
     fingerprint = settings.fingerprint(source)
     weights, meta_path = cache_paths(folder, fingerprint)
     if not (weights.is_file() and meta_path.is_file()):
@@ -237,6 +240,8 @@ def load(folder: Path, settings: ClassifierSettings, source: str) -> Optional[Cl
                 if (f.metadata() or {}).get("fingerprint") != fingerprint:
                     raise ValueError("its weights carry another fingerprint")
                 state = {k: f.get_tensor(k) for k in f.keys()}
+            if shipped_key:
+                shipped.check_digest(weights, state, shipped_key)
             model = EmojiClassifier(settings.widths, len(meta["classes"]))
             model.load_state_dict(state)
             result = Classifier(model, list(meta["classes"]), settings, source, fingerprint,
@@ -251,11 +256,15 @@ def load(folder: Path, settings: ClassifierSettings, source: str) -> Optional[Cl
 
 
 def load_or_train(folder: Path, settings: ClassifierSettings = DEFAULT, data: Optional[emoji.EmojiSet] = None,
-                  progress: bool = False) -> Classifier:
-    """The classifier for ``settings`` on the emoji set: from ``folder`` if cached, else trained
-    (about a minute on one thread at DEFAULT) and cached there."""
+                  progress: bool = False, retrain: bool = False) -> Classifier:
+    """The classifier for ``settings`` on the emoji set: from ``folder`` if cached, else the
+    shipped one (unless ``retrain``), else trained (2-3 minutes on one thread at DEFAULT) and
+    cached there."""
     data = data if data is not None else emoji.load()
     cached = load(folder, settings, data.source)
+    weights = cache_paths(shipped.FOLDER, settings.fingerprint(data.source))[0]
+    if cached is None and not retrain and shipped.shipped_file(SHIPPED_KEY, weights.name):
+        cached = load(shipped.FOLDER, settings, data.source, shipped_key=SHIPPED_KEY)
     if cached is not None:
         return cached
     classifier = train(data, settings, progress)
@@ -263,9 +272,21 @@ def load_or_train(folder: Path, settings: ClassifierSettings = DEFAULT, data: Op
     return classifier
 
 
-def train_classifier(data: emoji.EmojiSet, folder: Path, quick: bool = False, progress: bool = True) -> Classifier:
+def ship(classifier: Classifier, folder: Path):
+    """Copy the cached ``classifier`` from ``folder`` into the shipped folder and record it."""
+    shipped.FOLDER.mkdir(parents=True, exist_ok=True)
+    for src in cache_paths(folder, classifier.fingerprint):
+        shutil.copyfile(src, shipped.FOLDER / src.name)
+    weights = cache_paths(shipped.FOLDER, classifier.fingerprint)[0]
+    shipped.record(SHIPPED_KEY, {"file": weights.name, "weights_sha256": shipped.weights_digest(
+        classifier.model.state_dict()), "command": "bash scripts/edit.sh fidelity.features --retrain",
+        "train_seconds": round(classifier.train_seconds), "held_out_accuracy": classifier.held_out_accuracy})
+
+
+def train_classifier(data: emoji.EmojiSet, folder: Path, quick: bool = False, progress: bool = True,
+                     retrain: bool = False) -> Classifier:
     """The study's classifier: DEFAULT (QUICK with ``quick``) settings, cached in ``folder``."""
-    return load_or_train(Path(folder), QUICK if quick else DEFAULT, data, progress)
+    return load_or_train(Path(folder), QUICK if quick else DEFAULT, data, progress, retrain)
 
 
 def _sqrt_psd(matrix: torch.Tensor) -> torch.Tensor:
@@ -305,8 +326,16 @@ def main(argv=None):
                                             "the fidelity study's Fréchet distances use; print its accuracy.")
     p.add_argument("--cache", default="results/fidelity/work", help="folder for the cached classifier")
     p.add_argument("--quick", action="store_true", help="the small test setting instead of the default")
+    p.add_argument("--retrain", action="store_true", help="train in --cache even where the pack ships the "
+                   "classifier (research/fidelity/shipped): reproduces it; compare the printed digest with "
+                   "manifest.json there")
+    p.add_argument("--ship", action="store_true", help="copy it into research/fidelity/shipped and record it "
+                   "(for the pack's maintainers)")
     args = p.parse_args(argv)
-    c = train_classifier(emoji.load(), Path(args.cache), args.quick)
+    c = train_classifier(emoji.load(), Path(args.cache), args.quick, retrain=args.retrain)
+    print(f"weights sha256 {shipped.weights_digest(c.model.state_dict())}")
+    if args.ship:
+        ship(c, Path(args.cache))
     acc = ", ".join(f"{s} px {100 * a:.1f}%" for s, a in c.held_out_accuracy.items())
     print(f"classifier {c.fingerprint}: held-out accuracy {acc} (chance {100 * c.chance:.1f}%), "
           f"trained in {c.train_seconds:.1f} s ({c.train_cpu_seconds:.1f} s CPU) on one thread, "

@@ -43,6 +43,8 @@ def sample_grid(records: Dict, px: int, best: Optional[str]) -> Image.Image:
     for name in dict.fromkeys(("a", best)):  # (a), and the best design if it is another
         if name in records["ablations"]:
             columns.append((f"student ({name})", records["ablations"][name]["samples"][px]))
+    for r in records.get("baselines", {}).values():  # what a user would do instead, at the same speed
+        columns.append((f"{r['label']} {r['speedup']:.1f}x", r["samples"][px]))
     n = min(len(c[1]) for c in columns)
     rows = [[picture(c[1][i]) for c in columns] for i in range(n)]
     labels = [caption.split(",")[0][:18] for caption in t["captions"][:n]]
@@ -74,6 +76,29 @@ def ablation_table(family: str, records: Dict, speed: Optional[Dict[str, float]]
     floor = records["teacher"]["fd_teacher_real"]
     lines.append("\nTeacher vs real held-out images (the floor): FD " +
                  ", ".join(f"{floor[px]:.3f} at {px} px" for px in pxs) + ".")
+    for what, errors in records["teacher"].get("sensitivity", {}).items():
+        lines.append(f"The teacher's own image error, {what} against itself: " +
+                     ", ".join(f"{errors[px]:.4f} at {px} px" for px in pxs) + ".")
+    return lines
+
+
+def equal_speed_table(records: Dict, speed_px: int) -> List[str]:
+    """The default design's student beside what a user would do instead at its speed-up."""
+    from .study import DEFAULT_ABLATION
+    pxs = sorted(records["teacher"]["fd_teacher_real"], key=int)
+    rows = [(f"EDiT student ({DEFAULT_ABLATION}), block speed-up at {speed_px} px", records["baselines_speedup"],
+             records["ablations"].get(DEFAULT_ABLATION))]
+    rows += [(r["title"], r["speedup"], r) for r in records["baselines"].values()]
+    head = ["at the same speed", "speed-up"] + [f"image error {px} px" for px in pxs] + \
+           [f"FD to teacher {px} px" for px in pxs] + [f"FD to real {pxs[-1]} px"]
+    lines = [f"| {' | '.join(head)} |", "|---|" + "---:|" * (len(head) - 1)]
+    for title, speedup, r in rows:
+        if r is None:
+            continue
+        cells = [title, f"{speedup:.2f}x"] + [f"{r['image_error'][px]:.4f}" for px in pxs]
+        cells += [f"{max(r['fd_student_teacher'][px], 0.0):.3f}" for px in pxs]
+        cells.append(f"{max(r['fd_student_real'][pxs[-1]], 0.0):.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -151,6 +176,9 @@ def write_summary(out: Path) -> Path:
         lines += [f"## {family}: student designs", ""]
         speed = {k: float(v) for k, v in (r.get("speed") or {}).items()}
         lines += ablation_table(family, r, speed or None, r.get("speed_px", 2048)) + [""]
+        if r.get("baselines"):
+            lines += [f"Equal speed ({family}): the default design against the teacher with fewer steps and "
+                      f"ComfyUI's LazyCache:", ""] + equal_speed_table(r, r.get("speed_px", 2048)) + [""]
         lines += [f"Per-layer feature error ({family}):", ""] + layer_table(r) + [""]
         lines += [f"Best by final-image error: ({best_design(r)}). Samples: "
                   + ", ".join(f"![{family} {px}]({family}_samples_{px}px.png)" for px in r["teacher"]["fd_teacher_real"]), ""]

@@ -11,6 +11,7 @@ held-out caption is sampled by teacher and student from the same noise. Measured
   between student and teacher samples, and against the real held-out images (the
   teacher-vs-real distance is the floor a student is compared with).
 """
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -56,6 +57,10 @@ def design(name: str) -> dict:
     return dict(BASE, **ABLATIONS[name][1])
 
 
+# The ablation that is the shipped default: the equal-speed baselines run at its speed-up.
+DEFAULT_ABLATION = next(n for n in ABLATIONS if design(n) == dict(BASE, **DEFAULT_DESIGN))
+
+
 @dataclass(frozen=True)
 class StudySettings:
     image_px: Tuple[int, ...] = (40, 64)  # 20 x 20 and 32 x 32 tokens: the teachers' two training sizes
@@ -98,8 +103,9 @@ def image_errors(student: Samples, teacher: Samples) -> Dict[int, float]:
 
 
 def run_family(teacher: Teacher, data: EmojiSet, classifier, frechet, settings: StudySettings,
-               ablations: Sequence[str], work: Path, log=print) -> Dict:
-    """Distil and measure every ablation for one teacher; returns the records."""
+               ablations: Sequence[str], work: Path, log=print, speedup: float = 0.0) -> Dict:
+    """Distil and measure every ablation for one teacher; with ``speedup`` (the default
+    design's measured one), also the equal-speed baselines (baselines.py). Returns the records."""
     family, model = teacher.family, teacher.patcher
     train, held = data.split(held_out=False), data.split(held_out=True)
     prompts = [teacher.conditioning(train.captions[i]) for i in pick(train.captions, settings.train_prompts)]
@@ -114,6 +120,12 @@ def run_family(teacher: Teacher, data: EmojiSet, classifier, frechet, settings: 
     real_feats = {px: feats(x) for px, x in real.items()}
     records = {"teacher": {"fd_teacher_real": {px: frechet(teacher_feats[px], real_feats[px]) for px in real},
                            "captions": captions}, "ablations": {}}
+    # The teacher's own sensitivity, a scale for the image errors below: its samples in bfloat16
+    # and with one sampling step fewer, against its float32 samples of the same noise.
+    fewer = dataclasses.replace(settings, sample_steps=max(1, settings.sample_steps - 1))
+    records["teacher"]["sensitivity"] = {
+        "bfloat16": image_errors(Samples(teacher, teacher.patcher_in(torch.bfloat16), captions, settings), teacher_samples),
+        "one step fewer": image_errors(Samples(teacher, model, captions, fewer), teacher_samples)}
     resolutions = tuple(teacher.resolution(px) for px in settings.image_px)
     config = DistillConfig(resolutions=resolutions, seeds=settings.seeds, sample_steps=settings.sample_steps,
                            cfg=settings.cfg, train_steps=settings.train_steps, batch_size=settings.batch_size,
@@ -144,6 +156,23 @@ def run_family(teacher: Teacher, data: EmojiSet, classifier, frechet, settings: 
             + " | FD to teacher " + ", ".join(f"{px} px {e:.3f}" for px, e in r["fd_student_teacher"].items())
             + f" | {seconds:.0f} s")
         records["ablations"][name]["samples"] = {px: x[:8] for px, x in student.images.items()}
+    if speedup:
+        from .baselines import fewer_steps, lazycache
+        records["baselines"] = {}
+        for name, make in (("fewer_steps", fewer_steps), ("lazycache", lazycache)):
+            t0 = time.perf_counter()
+            r = make(teacher, captions, settings, speedup)
+            samples = r.pop("samples")
+            b_feats = {px: feats(x) for px, x in samples.images.items()}
+            r |= {"image_error": image_errors(samples, teacher_samples),
+                  "fd_student_teacher": {px: frechet(b_feats[px], teacher_feats[px]) for px in real},
+                  "fd_student_real": {px: frechet(b_feats[px], real_feats[px]) for px in real},
+                  "seconds": time.perf_counter() - t0, "samples": {px: x[:8] for px, x in samples.images.items()}}
+            records["baselines"][name] = r
+            log(f"{family} baseline {r['title']} ({r['speedup']:.2f}x): image error "
+                + ", ".join(f"{px} px {e:.4f}" for px, e in r["image_error"].items())
+                + " | FD to teacher " + ", ".join(f"{px} px {e:.3f}" for px, e in r["fd_student_teacher"].items()))
+        records["baselines_speedup"] = speedup
     records["teacher"]["samples"] = {px: x[:8] for px, x in teacher_samples.images.items()}
     records["teacher"]["real"] = {px: x[:8] for px, x in real.items()}
     return records

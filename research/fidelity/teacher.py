@@ -20,12 +20,15 @@ denoising for its family); the loss is the error of the model's own target, writ
 the denoised image: velocity for SD3 (||denoised - x0||^2 / sigma^2, timesteps logit-normal
 as in SD3), v for PixArt (x (1 + sigma^2) / sigma^2, timesteps uniform). Captions are dropped
 one time in ten for classifier-free guidance. Progressive resolution: 40 px first (PixArt's
-position embedding in ComfyUI divides by zero below 34 px), then 64 px. The teacher is the
-exponential moving average of the weights. The result is cached as one safetensors file
-named by the fingerprint of its settings and data.
+position embedding in ComfyUI divides by zero below 34 px), then 64 px; learning rate warmed
+up, then cosine-decayed. The teacher is the exponential moving average of the weights. The
+result is one safetensors file named by the fingerprint of its settings and data; the run
+keeps a resumable checkpoint beside it. The FULL teachers ship with the pack (``shipped``),
+so studies and tests load them instead of training.
 """
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +47,7 @@ from comfy.ldm.modules.diffusionmodules.mmdit import get_2d_sincos_pos_embed
 
 from edit_core.distill.config import fingerprint
 from edit_core.util.safetensors_io import save_safetensors
+from . import shipped
 from .captions import CaptionEncoder, Vocabulary
 from .emoji import EmojiSet, to_unit
 
@@ -83,6 +87,7 @@ class TeacherConfig:
     batch_size: int = 8
     lr: float = 2e-3
     warmup_steps: int = 100
+    lr_final: float = 1.0                         # share of lr at the last step (cosine decay); 1 = constant
     ema: float = 0.995
     caption_dropout: float = 0.1
     seed: int = 0
@@ -94,9 +99,15 @@ class TeacherConfig:
 
 QUICK = {"sd3": TeacherConfig("sd3", width=64, depth=2, mmditx_layers=(0,), schedule=((40, 4), (64, 2)), batch_size=4),
          "pixart": TeacherConfig("pixart", width=64, depth=2, schedule=((40, 4), (64, 2)), batch_size=4)}
-# About 22 minutes each on one thread of the 2-core development VM, run side by side (SD3's
-# joint blocks, text stream and attn2 layers make its step about 1.4 times PixArt's).
-FULL = {"sd3": TeacherConfig("sd3", schedule=((40, 1200), (64, 180))), "pixart": TeacherConfig("pixart")}
+# Four blocks (SD3: attn2 in the first two, six convertible layers; PixArt: four); 101 and 93
+# minutes on one thread of the 2-core development VM, side by side. They ship (shipped.py);
+# how well they draw is in docs/fidelity.md.
+FULL = {"sd3": TeacherConfig("sd3", depth=4, schedule=((40, 5400), (64, 700)), lr=1.5e-3, warmup_steps=200,
+                             lr_final=0.05, ema=0.998),
+        "pixart": TeacherConfig("pixart", depth=4, schedule=((40, 6400), (64, 800)), lr=1.5e-3, warmup_steps=200,
+                                lr_final=0.05, ema=0.998)}
+RESUME_EVERY = 200  # steps between resumable training checkpoints
+REPRODUCE = "bash scripts/edit.sh fidelity teachers --threads 1 --retrain --families {family}"
 
 
 def image_to_latent(family: str, x: torch.Tensor) -> torch.Tensor:
@@ -148,10 +159,15 @@ def init_weights_(model: nn.Module, seed: int):
                               .unsqueeze(0))
 
 
-def build_base_model(config: TeacherConfig):
+def build_base_model(config: TeacherConfig, dtype=torch.float32):
     mc = model_config(config)
-    mc.set_inference_dtype(torch.float32, None)
+    mc.set_inference_dtype(dtype, None)
     return mc, mc.get_model({}, "")
+
+
+def patcher_of(base) -> "comfy.model_patcher.ModelPatcher":
+    return comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
 
 
 @dataclass
@@ -163,6 +179,8 @@ class Teacher:
     history: List[Dict]                  # {"step", "px", "loss"}
     seconds: float
     source: str
+    file: Path                           # where it was loaded from
+    digest: str                          # weights_digest of its tensors
 
     @property
     def family(self) -> str:
@@ -181,6 +199,14 @@ class Teacher:
         """Sampled latents -> [-1, 1] RGBA images."""
         return latent_to_image(self.family, latent.float())
 
+    def patcher_in(self, dtype) -> "comfy.model_patcher.ModelPatcher":
+        """The same teacher with its weights and compute in ``dtype`` (a separate copy), as
+        ComfyUI runs a model loaded in that dtype."""
+        _, base = build_base_model(self.config, dtype)
+        base.diffusion_model.load_state_dict(self.patcher.model.diffusion_model.state_dict())
+        base.diffusion_model.requires_grad_(False)
+        return patcher_of(base)
+
 
 def training_sigmas(family: str, ms, n: int, g: torch.Generator) -> torch.Tensor:
     """SD3: logit-normal t (SD3's own choice); PixArt: uniform over its discrete timesteps."""
@@ -198,6 +224,29 @@ def teacher_fingerprint(config: TeacherConfig, source: str) -> str:
     return fingerprint([FORMAT, asdict(config), source])
 
 
+def teacher_file_name(config: TeacherConfig, source: str) -> str:
+    return f"teacher-{config.family}-{teacher_fingerprint(config, source)}.safetensors"
+
+
+def ship(teacher: "Teacher") -> Path:
+    """Copy ``teacher``'s file into the shipped folder and record it in the manifest under
+    ``teacher-<family>`` (replacing the family's previous teacher)."""
+    key = f"teacher-{teacher.family}"
+    old = shipped.entries().get(key, {}).get("file")
+    target = shipped.FOLDER / teacher.file.name
+    if teacher.file.resolve() != target.resolve():
+        shipped.FOLDER.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(teacher.file, target)
+    if old and old != target.name:
+        (shipped.FOLDER / old).unlink(missing_ok=True)
+    params = sum(v.numel() for v in teacher.patcher.model.diffusion_model.state_dict().values())
+    shipped.record(key, {"file": target.name, "weights_sha256": teacher.digest,
+                         "config_fingerprint": teacher_fingerprint(teacher.config, teacher.source),
+                         "command": REPRODUCE.format(family=teacher.family), "train_seconds": round(teacher.seconds),
+                         "steps": len(teacher.history), "model_parameters": params, "bytes": target.stat().st_size})
+    return target
+
+
 def _batch(data: EmojiSet, x: torch.Tensor, vocabulary: Vocabulary, config: TeacherConfig, g: torch.Generator):
     idx = torch.randint(len(data), (config.batch_size,), generator=g)
     drop = torch.rand(config.batch_size, generator=g) < config.caption_dropout
@@ -205,32 +254,99 @@ def _batch(data: EmojiSet, x: torch.Tensor, vocabulary: Vocabulary, config: Teac
     return x[idx], vocabulary.encode(captions, config.caption_tokens)
 
 
+def learning_rate(config: TeacherConfig, step: int, total: int) -> float:
+    """Linear warm-up, then cosine decay from ``lr`` to ``lr * lr_final`` at the last step."""
+    warm = min(1.0, (step + 1) / config.warmup_steps)
+    decay = config.lr_final + (1 - config.lr_final) * 0.5 * (1 + math.cos(math.pi * step / max(total - 1, 1)))
+    return config.lr * warm * decay
+
+
+def _resume_tensors(params, opt, g: torch.Generator) -> Dict[str, torch.Tensor]:
+    """The training state beside the averaged weights (which the checkpoint holds by name)."""
+    state = opt.state_dict()["state"]
+    tensors = {"rng": g.get_state()}
+    for i, p in enumerate(params):
+        tensors[f"param.{i}"] = p.detach()
+        if i in state:
+            for key in ("exp_avg", "exp_avg_sq"):
+                tensors[f"{key}.{i}"] = state[i][key]
+            tensors[f"adam_step.{i}"] = state[i]["step"].reshape(1)
+    return tensors
+
+
+def _resume_from(path: Path, names: List[str], params, ema, opt, g: torch.Generator) -> Tuple[int, List[Dict], float]:
+    """Load a training checkpoint written by ``train_teacher``: (next step, history, seconds so far)."""
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    if meta.get("format") != FORMAT + "/resume" or f"param.{len(params) - 1}" not in tensors:
+        raise ValueError(f"{path}: not a training checkpoint of this teacher (format {meta.get('format')!r})")
+    with torch.no_grad():
+        for i, (p, e) in enumerate(zip(params, ema)):
+            p.copy_(tensors[f"param.{i}"])
+            e.copy_(tensors[names[i]])
+    state = {i: {"step": tensors[f"adam_step.{i}"].reshape(()), "exp_avg": tensors[f"exp_avg.{i}"],
+                 "exp_avg_sq": tensors[f"exp_avg_sq.{i}"]} for i in range(len(params)) if f"exp_avg.{i}" in tensors}
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    g.set_state(tensors["rng"])
+    history = json.loads(meta["history"])
+    return len(history), history, float(meta["seconds"])
+
+
 def train_teacher(config: TeacherConfig, data: EmojiSet, work_dir: Path,
-                  on_step: Optional[Callable[[int, int, float], None]] = None) -> Teacher:
-    """Train (or load from ``work_dir``) the teacher for ``config`` on ``data``'s training split."""
-    path = Path(work_dir) / f"teacher-{config.family}-{teacher_fingerprint(config, data.source)}.safetensors"
+                  on_step: Optional[Callable[[int, int, float], None]] = None, retrain: bool = False) -> Teacher:
+    """The teacher for ``config`` on ``data``'s training split: from ``work_dir`` if trained
+    there, else the shipped one (checked against its recorded digest) unless ``retrain``, else
+    trained in ``work_dir``. Every ``RESUME_EVERY`` steps the whole training state goes to
+    ``<name>.resume.safetensors`` beside it, and an interrupted run continues from there."""
+    path = Path(work_dir) / teacher_file_name(config, data.source)
     if path.is_file():
         return load_teacher(path)
+    shipped_path = None if retrain else shipped.shipped_file(f"teacher-{config.family}", path.name)
+    if shipped_path:
+        return load_teacher(shipped_path, shipped_key=f"teacher-{config.family}")
+    resume = path.with_suffix(".resume.safetensors")
     train = data.split(held_out=False)
     vocabulary = Vocabulary.build(train.captions)
     torch.manual_seed(config.seed)
     mc, base = build_base_model(config)
     init_weights_(base.diffusion_model, config.seed)
     encoder = CaptionEncoder(len(vocabulary), config.caption_tokens, config.context_dim)
-    params = list(base.diffusion_model.parameters()) + list(encoder.parameters())
+    named = [(f"model.{k}", v) for k, v in base.diffusion_model.named_parameters()]
+    named += [(f"encoder.{k}", v) for k, v in encoder.named_parameters()]
+    names, params = [k for k, _ in named], [v for _, v in named]
     opt = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.99), weight_decay=0.0)
     ema = [p.detach().clone() for p in params]
     ms = base.model_sampling
     g = torch.Generator().manual_seed(config.seed)
-    history, step, t0 = [], 0, time.perf_counter()
+    history, step, seconds = [], 0, 0.0
+    if resume.is_file():
+        step, history, seconds = _resume_from(resume, names, params, ema, opt, g)
+    meta = {"config": json.dumps(asdict(config)), "vocabulary": json.dumps(vocabulary.words), "source": data.source}
+
+    def save(target: Path, tensors, fmt: str, seconds: float):
+        save_safetensors(tensors, target, dict(meta, format=fmt, history=json.dumps(history), seconds=f"{seconds:.1f}"))
+
+    def averaged() -> Dict[str, torch.Tensor]:
+        """The saved weights: the averages in place of the parameters (buffers as they are)."""
+        by_param = {id(p): e for p, e in zip(params, ema)}
+        tensors = {f"model.{k}": by_param.get(id(v), v).detach()
+                   for k, v in base.diffusion_model.state_dict(keep_vars=True).items()}
+        return tensors | {f"encoder.{k}": by_param[id(v)] for k, v in encoder.state_dict(keep_vars=True).items()}
+
     total = sum(n for _, n in config.schedule)
+    t0 = time.perf_counter() - seconds
+    path.parent.mkdir(parents=True, exist_ok=True)
     with torch.inference_mode(False), torch.enable_grad():
+        done = 0
         for px, steps in config.schedule:
+            done += steps
+            if step >= done:
+                continue
             x_all = image_to_latent(config.family, to_unit(train.images, px))
-            for _ in range(steps):
+            while step < done:
                 x0, ids = _batch(train, x_all, vocabulary, config, g)
                 for group in opt.param_groups:
-                    group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup_steps)
+                    group["lr"] = learning_rate(config, step, total)
                 sigma = training_sigmas(config.family, ms, len(x0), g)
                 noise = torch.randn(x0.shape, generator=g)
                 noisy = ms.noise_scaling(sigma, noise, x0)
@@ -250,18 +366,13 @@ def train_teacher(config: TeacherConfig, data: EmojiSet, work_dir: Path,
                         e.lerp_(p, 1 - decay)
                 history.append({"step": step, "px": px, "loss": loss.item()})
                 step += 1
+                if step % RESUME_EVERY == 0 and step < total:
+                    save(resume, averaged() | _resume_tensors(params, opt, g), FORMAT + "/resume",
+                         time.perf_counter() - t0)
                 if on_step:
                     on_step(step, total, history[-1]["loss"])
-    seconds = time.perf_counter() - t0
-    with torch.no_grad():
-        for e, p in zip(ema, params):
-            p.copy_(e)
-    tensors = {f"model.{k}": v for k, v in base.diffusion_model.state_dict().items()}
-    tensors |= {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
-    meta = {"format": FORMAT, "config": json.dumps(asdict(config)), "vocabulary": json.dumps(vocabulary.words),
-            "history": json.dumps(history), "seconds": f"{seconds:.1f}", "source": data.source}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_safetensors(tensors, path, meta)
+    save(path, averaged(), FORMAT, time.perf_counter() - t0)
+    resume.unlink(missing_ok=True)
     return load_teacher(path)
 
 
@@ -272,12 +383,17 @@ def _config_from(meta: Dict) -> TeacherConfig:
     return TeacherConfig(**raw)
 
 
-def load_teacher(path: Path) -> Teacher:
+def load_teacher(path: Path, partial: bool = False, shipped_key: str = "") -> Teacher:
+    """The teacher in ``path``; ``partial`` also reads the averaged weights of a training
+    checkpoint (``.resume.safetensors``), to look at a run that is still going;
+    ``shipped_key``: a shipped file, refused unless its weights are the ones recorded."""
+    formats = (FORMAT, FORMAT + "/resume") if partial else (FORMAT,)
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
+        if meta.get("format") not in formats:
             raise ValueError(f"{path}: not an emoji teacher (format {meta.get('format')!r}, expected {FORMAT!r})")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(("model.", "encoder."))}
+    digest = shipped.check_digest(path, tensors, shipped_key) if shipped_key else shipped.weights_digest(tensors)
     config = _config_from(meta)
     vocabulary = Vocabulary(json.loads(meta["vocabulary"]))
     mc, base = build_base_model(config)
@@ -286,7 +402,6 @@ def load_teacher(path: Path) -> Teacher:
     encoder.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")})
     encoder.requires_grad_(False)
     base.diffusion_model.requires_grad_(False)
-    patcher = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
-                                               offload_device=comfy.model_management.unet_offload_device())
+    patcher = patcher_of(base)
     return Teacher(config, patcher, encoder, vocabulary, json.loads(meta["history"]), float(meta["seconds"]),
-                   meta["source"])
+                   meta["source"], Path(path), digest)

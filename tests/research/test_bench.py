@@ -126,6 +126,7 @@ def test_plot_labels_every_tick_on_both_axes():
     assert _ticks(1.6, 9.0, log=True) == [1.0, 2.0, 5.0, 10.0]  # inside one decade: still labelled
     assert len(_ticks(0.5, 2e5, log=True)) <= 8
     assert _ticks(0, 200, log=False) == [0, 50, 100, 150, 200]  # linear: 4-6 steps, none past the data
+    assert _ticks(0, 7199, log=False) == [0, 2000, 4000, 6000, 8000]  # a training run's steps: not 73 labels
     pxs = [512, 1024, 2048, 4096]
     img = line_chart("t", {"a": (pxs, [2.0, 9.0, 80.0, 900.0])}, "image side, px", "ms", log_x=True, log_y=True,
                      x_ticks=pxs)

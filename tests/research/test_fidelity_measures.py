@@ -176,3 +176,31 @@ def test_classifier_training_is_seeded(emoji_set):
     assert torch.equal(a.features(x), b.features(x)) and a.history == b.history
     other = features.train(emoji_set, dataclasses.replace(short, seed=1))
     assert not torch.equal(other.features(x), a.features(x))
+
+
+def test_the_shipped_classifier_loads_without_training_and_a_changed_copy_is_refused(emoji_set, tmp_path, monkeypatch):
+    """The study starts from the classifier the pack ships, checked against the weights digest
+    its manifest records; a copy whose weights changed is refused with what to do."""
+    import shutil
+    from research.fidelity import shipped
+    entry = shipped.entries()["classifier"]
+    monkeypatch.setattr(features, "train", lambda *a, **k: pytest.fail("trained instead of loading the shipped one"))
+    c = features.train_classifier(emoji_set, tmp_path / "empty-cache", progress=False)
+    assert shipped.weights_digest(c.model.state_dict()) == entry["weights_sha256"]
+    assert c.held_out_accuracy == entry["held_out_accuracy"] and c.held_out_accuracy["64"] > 2 * c.chance
+    # A copy of the shipped folder with one weight changed.
+    changed = tmp_path / "shipped"
+    shutil.copytree(shipped.FOLDER, changed, ignore=shutil.ignore_patterns("teacher-*"))
+    monkeypatch.setattr(shipped, "FOLDER", changed)
+    monkeypatch.setattr(shipped, "MANIFEST", changed / "manifest.json")
+    path = changed / entry["file"]
+    state = dict(c.model.state_dict())
+    name = sorted(state)[0]
+    state[name] = state[name] + 1e-3
+    from safetensors import safe_open
+    from edit_core.util.safetensors_io import save_safetensors
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    save_safetensors(state, path, meta)
+    with pytest.raises(EDiTError, match="is not the .* that manifest.json records"):
+        features.train_classifier(emoji_set, tmp_path / "empty-cache-2", progress=False)

@@ -113,15 +113,16 @@ class PlanModel:
             x, t, conds = example_inputs(self.trainer, batch, resolution, self.dtype)
         return x.to(self.device), t.to(self.device), {k: v.to(self.device) for k, v in conds.items()}
 
-    def _count(self, fn) -> Tuple[int, int]:
-        """(peak bytes of the tensors ``fn`` holds at once, floating-point operations it runs),
-        from two runs: counting operations keeps tensors alive across the checkpointed blocks,
-        which would inflate the peak (6.3 -> 13.1 GiB for SD3.5-Medium's end-to-end step)."""
+    def _count(self, fn, flops_fn=None, flops_times: int = 1) -> Tuple[int, int]:
+        """(peak bytes of the tensors ``fn`` holds at once, floating-point operations of
+        ``flops_fn`` (default ``fn``) times ``flops_times``), from two runs: counting operations
+        keeps tensors alive across the checkpointed blocks, which would inflate the peak (6.3 ->
+        13.1 GiB for SD3.5-Medium's end-to-end step)."""
         with self.mode, _pixart_fused_attention(), PeakTensorMemory() as counter:
             fn()
         with self.mode, _pixart_fused_attention(), FlopCounterMode(display=False) as flops:
-            fn()
-        return counter.peak, flops.get_total_flops()
+            (flops_fn or fn)()
+        return counter.peak, flops.get_total_flops() * flops_times
 
     def teacher_pass(self, resolution: Tuple[int, int]) -> Measured:
         """One sampler call of the teacher while generating teacher data: one image at a time
@@ -151,9 +152,13 @@ class PlanModel:
         """``layers_per_step``: the last k layers (the teacher runs to the end: the worst case)."""
         layers = self.bank.config.layers[-layers_per_step:] if layers_per_step else None
 
-        def run():
-            self.step([self._inputs(1, resolution) for _ in range(batch)], mode, layers)
-        return Measured(self.weights + self.bank_bytes + self.optimizer_bytes, *self._count(run))
+        def run(examples=batch):
+            self.step([self._inputs(1, resolution) for _ in range(examples)], mode, layers)
+        # A batch's examples have one shape and run one after another, and the counter sees
+        # only matrix products, convolutions and attention (not the optimiser's element-wise
+        # work): a batch's operations are exactly the batch times one example's.
+        return Measured(self.weights + self.bank_bytes + self.optimizer_bytes,
+                        *self._count(run, lambda: run(1), batch))
 
 
 def _pixart_fused_attention():
