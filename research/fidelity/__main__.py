@@ -1,6 +1,6 @@
 """python -m research.fidelity: the fidelity study on teachers trained here on real images.
 
-  teachers   train (or load: shipped in research/fidelity/teachers, or cached in --work)
+  teachers   train (or load: shipped in research/fidelity/shipped, or cached in --work)
              the SD3 and PixArt emoji teachers, then check that they draw: the classifier's
              accuracy on their samples of held-out captions against real images; writes
              teachers.json, <family>_teacher_64px.png and teacher_loss.png to --out
@@ -36,10 +36,10 @@ def main(argv=None):
     p.add_argument("--out", default="results/fidelity", help="report folder (default: results/fidelity)")
     p.add_argument("--quick", action="store_true", help="the tests' small setting (seconds, not minutes)")
     p.add_argument("--retrain", action="store_true", help="train the teachers in --work even where the pack ships "
-                   "them (research/fidelity/teachers): reproduces a shipped teacher; compare the printed digest "
-                   "with teachers.json there")
-    p.add_argument("--ship", action="store_true", help="copy the teachers into research/fidelity/teachers and record "
-                   "them in its teachers.json (for the pack's maintainers)")
+                   "them (research/fidelity/shipped): reproduces a shipped teacher; compare the printed weights "
+                   "sha256 with manifest.json there")
+    p.add_argument("--ship", action="store_true", help="copy the teachers into research/fidelity/shipped and record "
+                   "them in its manifest.json (for the pack's maintainers)")
     p.add_argument("--speed-px", type=int, default=2048, help="also time each design's EDiT block at the family's "
                    "real width at this size (research.bench's block level); 0 = skip (default: 2048)")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default (default: 0)")

@@ -15,7 +15,7 @@ from edit_core.distill.trajectories import sample
 from edit_core.util.plots import image_grid
 from .emoji import EmojiSet, to_unit
 from .features import Classifier, labels_of
-from .report import picture
+from .report import loss_chart, picture, save
 from .study import StudySettings
 from .teacher import Teacher
 
@@ -98,7 +98,6 @@ def summary_line(result: Dict) -> str:
 def write_checks(out, teachers: Dict[str, Teacher], results: Dict[str, Dict], grids: Dict[str, Image.Image]) -> Path:
     """teachers.json (accuracies, settings, training time), <family>_teacher_<px>px.png and
     teacher_loss.png in ``out``."""
-    from .report import loss_chart, save
     out = Path(out)
     for family, grid in grids.items():
         save(grid, out / f"{family}_teacher_{results[family]['settings']['px']}px.png")
